@@ -1,0 +1,21 @@
+"""The `cuda` backend: multi_tensor_apply-style kernels (csrc/cuda/) for float32, float16 and
+bfloat16 weights. A work table of tensor chunks lives in device memory, so one launch covers
+any number of tensors; loads are 16 bytes wide where the tensors are aligned. grad_sq_norms is
+one launch (its last block reduces the per-chunk partial sums in a fixed order, so results are
+deterministic); adamw_step_ is one launch (its last block advances the step counters)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from ._compiled import bind
+
+NAME = "cuda"
+AUTO_PRIORITY = {"cuda": 20}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+unavailable_reason = _extension.cuda_unavailable_reason
+grad_sq_norms, adamw_step_ = bind("cuda")
+
+
+def supports_device(device: torch.device) -> bool:
+    return device.type == "cuda"
