@@ -19,7 +19,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import torch
 
 from . import _ops, _validate, backends
-from .backends import BackendUnavailable
+from .backends import BackendUnavailable, torch_ref
 from .importance import importance_update_
 
 __all__ = [
@@ -107,7 +107,8 @@ def grad_sq_norms(
     accumulates nothing.
 
     Args:
-        grads (list of Tensor): dense contiguous gradients of one float dtype on one device.
+        grads (list of Tensor): dense contiguous float gradients on one device (several dtypes
+            cost one pass per dtype).
         module_ids (list of int): module index of each gradient, in [0, num_modules).
         num_modules (int): length of the per-module outputs and buffers.
         max_norm (float, optional): gradient clipping threshold; sets ``clip_coef`` (default: None).
@@ -140,8 +141,16 @@ def grad_sq_norms(
     _validate.check_module_ids(module_ids, num_modules)
     for name, buf in (("accum", accum), ("accum_count", accum_count), ("accum_weight", accum_weight)):
         _validate.check_vector(name, buf, num_modules, dev)
-    name = _select_backend(backend, str(dev), grads=_uniform_dtype("grads", grads))
     max_norm = None if max_norm is None else float(max_norm)
+    by_dtype = {}
+    for g, m in zip(grads, module_ids):
+        by_dtype.setdefault(g.dtype, ([], []))
+        by_dtype[g.dtype][0].append(g)
+        by_dtype[g.dtype][1].append(m)
+    if len(by_dtype) > 1:
+        return _grad_sq_norms_mixed(by_dtype, num_modules, dev, max_norm, accum, accum_count,
+                                    accum_weight, accum_rule, backend)
+    name = _select_backend(backend, str(dev), grads=next(iter(by_dtype), None))
     with torch.no_grad():
         if torch.compiler.is_compiling():
             result = torch.ops.misa_kernels.grad_sq_norms(
@@ -152,6 +161,21 @@ def grad_sq_norms(
                 grads, module_ids, num_modules, dev, max_norm, accum, accum_count, accum_weight,
                 accum_rule)
     return NormStats(*result)
+
+
+def _grad_sq_norms_mixed(by_dtype, num_modules, dev, max_norm, accum, accum_count, accum_weight,
+                         accum_rule, backend) -> NormStats:
+    """Gradients of several dtypes: one backend call per dtype for the module sums, then the
+    reference's finalisation (a few tiny ops) over their sum."""
+    sq = None
+    for dtype, (group, ids) in by_dtype.items():
+        part = grad_sq_norms(group, ids, num_modules, backend=backend).module_sq_norms
+        sq = part if sq is None else sq.to(torch.promote_types(sq.dtype, part.dtype)) + part
+    present = sorted({m for _, ids in by_dtype.values() for m in ids})
+    with torch.no_grad():
+        rest = torch_ref.finalize_norms(sq, present, max_norm, accum, accum_count, accum_weight,
+                                        accum_rule)
+    return NormStats(sq, *rest)
 
 
 def adamw_step_(

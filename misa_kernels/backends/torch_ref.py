@@ -60,10 +60,24 @@ def grad_sq_norms(
         ]
         index = torch.tensor(present, dtype=torch.long, device=device)
         sq.index_copy_(0, index, torch.stack(module_sums))
+    return (sq, *finalize_norms(sq, present, max_norm, accum, accum_count, accum_weight, accum_rule))
+
+
+def finalize_norms(
+    sq: torch.Tensor,
+    present: List[int],
+    max_norm: Optional[float],
+    accum: Optional[torch.Tensor],
+    accum_count: Optional[torch.Tensor],
+    accum_weight: Optional[torch.Tensor],
+    accum_rule: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total_norm, clip_coef, found_inf) from per-module sums `sq`, and the accumulation into
+    accum / accum_count for the `present` modules (sorted) when the total is finite."""
     total_sq = sq.sum()
     total_norm = total_sq.sqrt()
-    found_inf = (~torch.isfinite(total_sq)).to(acc)
-    one = torch.ones((), dtype=acc, device=device)
+    found_inf = (~torch.isfinite(total_sq)).to(sq.dtype)
+    one = torch.ones((), dtype=sq.dtype, device=sq.device)
     if max_norm is None:
         clip_coef = one.clone()
     else:
@@ -71,18 +85,18 @@ def grad_sq_norms(
         clip_coef = torch.where(found_inf != 0, one, clip_coef)
     if present and (accum is not None or accum_count is not None):
         keep = found_inf == 0
-        index = torch.tensor(present, dtype=torch.long, device=device)
+        index = torch.tensor(present, dtype=torch.long, device=sq.device)
         if accum is not None:
             value = sq[index]
             if accum_rule == "clipped_norm":
                 value = value.sqrt() * clip_coef
             if accum_weight is not None:
-                value = value * accum_weight[index].to(acc)
+                value = value * accum_weight[index].to(sq.dtype)
             value = torch.where(keep, value, torch.zeros_like(value))
             accum.index_add_(0, index, value.to(accum.dtype))
         if accum_count is not None:
             accum_count.index_add_(0, index, keep.to(accum_count.dtype).expand(len(present)))
-    return sq, total_norm, clip_coef, found_inf
+    return total_norm, clip_coef, found_inf
 
 
 def adamw_step_(
