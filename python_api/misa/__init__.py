@@ -1,0 +1,16 @@
+"""misa: memory-efficient LLM training by Module-wise Importance SAmpling (arXiv 2511.00056).
+
+    import misa
+    optimizer = misa.MISA(model, lr=1e-5, delta=0.03, interval=50)
+    print(misa.partition(model).summary(delta=0.03))
+
+The optimizer trains, at any time, only the modules its sampler activates (importance-weighted
+under a parameter budget for ``sampler="misa"``; LISA, BAdam and full AdamW are samplers too),
+through the fused ops of :mod:`misa_kernels`.
+"""
+from . import samplers
+from .optimizer import MISA
+from .partition import Module, Partition, find_block_lists, partition
+
+__all__ = ["MISA", "partition", "Partition", "Module", "find_block_lists", "samplers"]
+__version__ = "0.1.0"
