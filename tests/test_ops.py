@@ -299,3 +299,18 @@ def test_adamw_is_deterministic(backend, device):
                        sq_norms_out=out, backend=backend)
         outs.append(params + m + v + [out])
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_sq_norms_mixed_dtypes_match_float64(backend, device):
+    grads = [torch.randn(4097, device=device).to(torch.bfloat16), torch.randn(7, device=device),
+             torch.randn(300, device=device).to(torch.bfloat16)]
+    module_ids = [0, 0, 1]
+    accum = torch.zeros(2, device=device)
+    count = torch.zeros(2, device=device)
+    stats = mk.grad_sq_norms(grads, module_ids, 2, max_norm=1.0, accum=accum, accum_count=count, backend=backend)
+    ref = mk.grad_sq_norms([g.cpu().double() for g in grads], module_ids, 2, max_norm=1.0, backend="torch")
+    torch.testing.assert_close(stats.module_sq_norms.cpu().double(), ref.module_sq_norms, rtol=2e-6, atol=0)
+    torch.testing.assert_close(stats.clip_coef.cpu().double(), ref.clip_coef, rtol=2e-6, atol=0)
+    torch.testing.assert_close(accum.cpu().double(), ref.module_sq_norms, rtol=2e-6, atol=0)
+    assert count.tolist() == [1.0, 1.0]
