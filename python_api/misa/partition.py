@@ -8,8 +8,9 @@ any custom stack kept in a ModuleList). Granularities:
   gate, up, down in a LLaMA block) is one module, with all of its own parameters (weight and
   bias). One-dimensional parameters of a block (norm weights) are not sampled.
 - ``"layer"`` (BAdam / LISA): each block, all of its parameters, is one module.
-- ``patterns`` (regular expressions): parameters whose names match a pattern are grouped by
-  the matched text; each distinct match is one module.
+- ``patterns`` (regular expressions): a parameter whose name matches a pattern belongs to the
+  module named by its name up to the end of the match (``model.layers.0.self_attn`` for
+  ``r"layers\.\d+\.self_attn"``); each distinct such prefix is one module.
 
 Everything not in a sampled module (embeddings, the LM head, the final norm, norms inside
 blocks at module granularity) is *non-block* and is frozen or always trained, by policy.
@@ -159,8 +160,8 @@ def partition(
         model (nn.Module): the model; the meta device works (only shapes are read).
         granularity (str, optional): "module" or "layer" (default: "module"); ignored when
             `patterns` are given.
-        patterns (list of str, optional): regular expressions; each distinct matched text
-            (``re.search`` on the parameter name) groups parameters into one module.
+        patterns (list of str, optional): regular expressions searched in parameter names;
+            parameters sharing the name prefix up to the end of the match form one module.
 
     Raises:
         ValueError: when no blocks are found and no patterns are given, or nothing is sampled.
@@ -239,7 +240,7 @@ def _by_patterns(trainable, patterns):
         if match is None:
             rest.append((name, p))
         else:
-            groups.setdefault(match.group(0).rstrip("."), []).append((name, p))
+            groups.setdefault(name[: match.end()].rstrip("."), []).append((name, p))
     modules: List[Module] = []
     seen = set()
     for key, named in groups.items():
