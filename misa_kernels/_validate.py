@@ -29,6 +29,8 @@ def check_tensor_list(
 
     When `shapes` is given, element i must have shape `shapes[i]`.
     """
+    if _all_valid(tensors, device, dtypes, shapes):
+        return
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
@@ -45,6 +47,23 @@ def check_tensor_list(
             raise ValueError(f"{name}[{i}] ({_describe(t)}) is not contiguous; call .contiguous() first")
         if shapes is not None and t.shape != shapes[i]:
             raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but params[{i}] has {tuple(shapes[i])}")
+
+
+def _all_valid(tensors, device, dtypes, shapes) -> bool:
+    """The common case, checked with C-level maps (the optimizer runs this every step on
+    hundreds of tensors); the element-wise loop that names the culprit runs only on failure."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    if {t.layout for t in tensors} - {torch.strided}:
+        return False  # is_contiguous is not defined for sparse layouts
+    index = -1 if device.type == "cpu" else device.index
+    return (
+        {t.dtype for t in tensors} <= set(dtypes)
+        and all(t.device.type == device.type for t in tensors[:1])
+        and set(map(torch.Tensor.get_device, tensors)) <= {index}
+        and all(map(torch.Tensor.is_contiguous, tensors))
+        and (shapes is None or list(map(torch.Tensor.size, tensors)) == list(shapes))
+    )
 
 
 def check_same_length(**lists: Optional[Sequence]) -> int:
