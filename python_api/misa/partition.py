@@ -1,4 +1,4 @@
-"""Splitting a model into the units MISA samples: modules of its repeated blocks.
+r"""Splitting a model into the units MISA samples: modules of its repeated blocks.
 
 A *block* is an element of an ``nn.ModuleList`` of same-typed, parameter-holding children (the
 decoder layers of HF LLaMA / Qwen2 / Mistral at ``model.layers``, GPT-2's ``transformer.h``,
