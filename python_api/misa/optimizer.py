@@ -1,17 +1,20 @@
 """The MISA optimizer: AdamW over a sampled subset of a model's modules, drop-in for torch.optim."""
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 import misa_kernels
 
-from . import samplers
+from . import distributed, samplers
 from .partition import FROZEN_BY_MISA, NON_BLOCK_POLICIES, Partition, partition
 
 STATE_VERSION = 1
@@ -82,6 +85,19 @@ class MISA(Optimizer):
         seed (int, optional): seed of the sampler's generator (default: torch.initial_seed()).
         sampler_options (dict, optional): extra options of the sampler (e.g. ``n_layers`` for
             lisa, ``order`` for badam).
+        process_group (ProcessGroup, optional): the data-parallel ranks: rank 0's seed is
+            broadcast to them, and gradients are averaged over them (default: the world, when
+            torch.distributed is initialised).
+        grad_sync (bool or "auto", optional): average the active gradients over
+            `process_group` after each backward, in place of DistributedDataParallel (see
+            :mod:`misa.distributed`); "auto" does so when the group has several ranks and the
+            parameters are not FSDP2 shards, which FSDP2 reduces itself (default: "auto").
+        debug_sync (bool, optional): after every draw, check with one all-gather that all ranks
+            hold the same active set (default: the ``MISA_DEBUG_SYNC`` environment variable).
+
+    Under FSDP2 the parameters are DTensors: the state is sharded like them, the kernels run
+    on the local shards, and the per-module squared norms are all-reduced before clipping and
+    importance accumulation; module sizes and the budget count global parameters.
     """
 
     #: torch.amp.GradScaler hands over its scale and overflow flag instead of unscaling and
@@ -114,10 +130,16 @@ class MISA(Optimizer):
         backend: str = "auto",
         seed: Optional[int] = None,
         sampler_options: Optional[dict] = None,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
+        grad_sync: Union[bool, str] = "auto",
+        debug_sync: Optional[bool] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MISA takes the model (an nn.Module), got {type(model).__name__}; "
                             "it partitions the model itself")
+        distributed.check_wrapping(model)
+        if grad_sync not in (True, False, "auto"):
+            raise ValueError(f"grad_sync must be True, False or 'auto', got {grad_sync!r}")
         _check_range("learning rate", lr, 0.0)
         _check_range("epsilon", eps, 0.0)
         _check_range("weight_decay", weight_decay, 0.0)
@@ -146,6 +168,17 @@ class MISA(Optimizer):
         if len(devices) != 1:
             raise ValueError(f"MISA needs the trained parameters on one device, found {sorted(map(str, devices))}")
         self.device = devices.pop()
+        managed = [p for m in self.partition.modules for p in m.params] + [p for _, p in trained]
+        self.sharded = any(distributed.is_dtensor(p) for p in managed)
+        self._shard_groups = distributed.shard_groups(managed) if self.sharded else []
+        self.process_group = process_group
+        self.world_size = distributed.world_size(process_group)
+        if grad_sync is True and self.sharded:
+            raise ValueError("grad_sync=True with FSDP2-sharded parameters: FSDP2 reduces the gradients itself")
+        if grad_sync is True and self.world_size == 1:
+            raise ValueError("grad_sync=True needs an initialised process group of several ranks")
+        sync = grad_sync is True or (grad_sync == "auto" and self.world_size > 1 and not self.sharded)
+        self.debug_sync = distributed.debug_from_env() if debug_sync is None else bool(debug_sync)
 
         # every parameter the optimizer may ever train, each with a slot for its step count
         self._module_of: Dict[int, int] = {}
@@ -170,6 +203,8 @@ class MISA(Optimizer):
         self.keep_reselected = keep_reselected
         self.backend = misa_kernels.resolve_backend(backend, self.device)
         self.seed = torch.initial_seed() if seed is None else int(seed)
+        if self.world_size > 1:
+            self.seed = distributed.broadcast_seed(self.seed, process_group, self.device)
         self.generator = torch.Generator().manual_seed(self.seed)
         options = dict(sampler_options or {})
         if sampler == "misa":
@@ -183,15 +218,23 @@ class MISA(Optimizer):
         self._active: List[int] = []
         self._groups: List[_UpdateGroup] = []
         self._module_sums: Optional[torch.Tensor] = None
+        self._switch_hooks: Dict[int, Callable] = OrderedDict()
         self.last_stats: Optional[misa_kernels.NormStats] = None
 
+        if self.sharded:
+            distributed.initialize_fsdp(model)
         for _, p in named + self.partition.non_block:  # frozen until activated, or for good
             p.requires_grad_(False)
             p.grad = None
             setattr(p, FROZEN_BY_MISA, True)
+        self.grad_sync: Optional[distributed.GradientSync] = None
+        if sync:
+            self.grad_sync = distributed.GradientSync(
+                [p for _, p in named], lambda: [p for g in self._groups for p in g.params], process_group)
         for p in self._non_block:
             self._init_state(p)
         self._switch(self.sampler.select(0))
+        self._after_switch()
 
     # ------------------------------------------------------------------ introspection
 
@@ -204,6 +247,22 @@ class MISA(Optimizer):
     def active_params(self) -> int:
         """Number of parameters training now (modules and non-block)."""
         return sum(p.numel() for g in self._groups for p in g.params)
+
+    def no_sync(self):
+        """Context manager for the micro-batches of a gradient accumulation: their backward
+        passes keep the gradients local, and the next step or synchronised backward averages
+        them (one all-reduce per accumulation instead of one per micro-batch)."""
+        if self.grad_sync is None:
+            return contextlib.nullcontext()
+        return self.grad_sync.no_sync()
+
+    def register_switch_hook(self, hook: Callable[["MISA"], None]) -> RemovableHandle:
+        """Registers ``hook(optimizer)``, called after every change of the active set (a
+        resampling in :meth:`step`, or :meth:`load_state_dict`), once the new modules require
+        grad and the dropped ones do not."""
+        handle = RemovableHandle(self._switch_hooks)
+        self._switch_hooks[handle.id] = hook
+        return handle
 
     def importance(self) -> Dict[str, float]:
         """Module name -> sampling probability of the last draw (misa sampler; host copy)."""
@@ -221,9 +280,11 @@ class MISA(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.grad_sync is not None:
+            self.grad_sync.flush()
         calls = []
         for group in self._groups:
-            present = [(i, p.grad) for i, p in enumerate(group.params) if p.grad is not None]
+            present = [(i, self._local(p.grad)) for i, p in enumerate(group.params) if p.grad is not None]
             if present:
                 calls.append((group, present))
         # set by torch.amp.GradScaler.step (see _step_supports_amp_scaling): gradients still
@@ -239,8 +300,13 @@ class MISA(Optimizer):
         if not fused:
             grads = [g for _, present in calls for _, g in present]
             ids = [group.norm_ids[i] for group, present in calls for i, _ in present]
-            stats = misa_kernels.grad_sq_norms(grads, ids, self._num_norm_ids, max_norm=self.max_grad_norm,
-                                               device=self.device, backend=self.backend, **accumulation)
+            if self.sharded:  # partial sums over the local shards: finished after their all-reduce
+                module_sq = misa_kernels.grad_sq_norms(grads, ids, self._num_norm_ids, device=self.device,
+                                                       backend=self.backend).module_sq_norms
+                stats = self._finalize_norms(module_sq, calls, self.max_grad_norm, accumulation)
+            else:
+                stats = misa_kernels.grad_sq_norms(grads, ids, self._num_norm_ids, max_norm=self.max_grad_norm,
+                                                   device=self.device, backend=self.backend, **accumulation)
         slot_sums = []
         for group, present in calls:
             hyper = self.param_groups[group.group_index]
@@ -250,11 +316,11 @@ class MISA(Optimizer):
             if fused:
                 slot_sums.append(slot_sq)
             misa_kernels.adamw_step_(
-                [group.params[i] for i in index], [g for _, g in present],
-                [group.exp_avgs[i] for i in index], [group.exp_avg_sqs[i] for i in index],
+                self._local([group.params[i] for i in index]), [g for _, g in present],
+                self._local([group.exp_avgs[i] for i in index]), self._local([group.exp_avg_sqs[i] for i in index]),
                 self._steps, [group.slots[i] for i in index], lr=hyper["lr"], beta1=beta1,
                 beta2=beta2, eps=hyper["eps"], weight_decay=hyper["weight_decay"],
-                master_params=None if group.masters is None else [group.masters[i] for i in index],
+                master_params=None if group.masters is None else self._local([group.masters[i] for i in index]),
                 clip_coef=None if self.max_grad_norm is None else stats.clip_coef,
                 found_inf=stats.found_inf if not fused else scaler_found_inf,
                 sq_norms_out=slot_sq,
@@ -265,18 +331,43 @@ class MISA(Optimizer):
         self._step_count += 1
         if self.sampler.should_resample(self._step_count):
             self._switch(self.sampler.select(self._step_count))
+            self._after_switch()
         return loss
+
+    def _local(self, tensors):
+        """The local shards of FSDP2 DTensors (a tensor or a list), views that the kernels
+        update in place; plain tensors unchanged."""
+        if not self.sharded:
+            return tensors
+        if isinstance(tensors, torch.Tensor):
+            return distributed.local(tensors)
+        return [distributed.local(t) for t in tensors]
 
     def _finish_fused_norms(self, slot_sums, calls, accumulation) -> misa_kernels.NormStats:
         """Per-module sums from the per-slot sums the AdamW passes wrote, then the reference's
         finalisation (total, flag, importance accumulation): a few tiny device ops."""
         per_slot = torch.stack(slot_sums).sum(0) if slot_sums else torch.zeros_like(self._steps)
-        module_sq = self._module_sums @ per_slot
+        return self._finalize_norms(self._module_sums @ per_slot, calls, None, accumulation)
+
+    def _finalize_norms(self, module_sq, calls, max_norm, accumulation) -> misa_kernels.NormStats:
+        """Total norm, clip coefficient, non-finite flag and importance accumulation from
+        per-module sums; under FSDP2 the sums of the shards are added first (one all-reduce
+        of num_modules + 1 values), so that every rank finishes with the same numbers."""
+        if self.sharded:
+            distributed.all_reduce_sums(module_sq, self._shard_groups)
         present = sorted({group.norm_ids[i] for group, present in calls for i, _ in present})
         rest = misa_kernels.torch_ref.finalize_norms(
-            module_sq, present, None, accumulation.get("accum"), accumulation.get("accum_count"),
+            module_sq, present, max_norm, accumulation.get("accum"), accumulation.get("accum_count"),
             accumulation.get("accum_weight"), accumulation.get("accum_rule", "sq"))
         return misa_kernels.NormStats(module_sq, *rest)
+
+    def _after_switch(self) -> None:
+        """Runs after every change of the active set: the cross-rank check in debug mode,
+        then the registered switch hooks."""
+        if self.debug_sync and self.world_size > 1:
+            distributed.check_same_active_set(self._active, self._step_count, self.process_group, self.device)
+        for hook in list(self._switch_hooks.values()):
+            hook(self)
 
     # ------------------------------------------------------------------ active set
 
@@ -360,13 +451,37 @@ class MISA(Optimizer):
         state = {}
         for p, s in self.state.items():
             state[self._slot[id(p)]] = {k: v.clone() for k, v in s.items()}
+        return {"state": state, **self._state_sections()}
+
+    def state_dict_template(self, entries: Dict[int, Sequence[str]]) -> dict:
+        """The structure of :meth:`state_dict`, with uninitialised state tensors for `entries`
+        (slot -> names of its saved state tensors) allocated like their parameters, sharded
+        under FSDP2: the destination torch.distributed.checkpoint loads a saved state into,
+        then passed to :meth:`load_state_dict` (see :func:`misa.distributed.load_checkpoint`)."""
+        params = self._params_by_slot()
+        if any(not 0 <= slot < len(params) for slot in entries):
+            raise ValueError(f"the checkpoint has state for parameter slots outside [0, {len(params)}): "
+                             "it belongs to another model or partition")
+        state = {slot: {name: torch.empty_like(params[slot], dtype=torch.float32,
+                                               memory_format=torch.contiguous_format) for name in names}
+                 for slot, names in entries.items()}
+        return {"state": state, **self._state_sections()}
+
+    def _params_by_slot(self) -> List[nn.Parameter]:
+        params = [None] * len(self._param_names)
+        for hyper in self.param_groups:
+            for p in hyper["params"]:
+                params[self._slot[id(p)]] = p
+        return params
+
+    def _state_sections(self) -> dict:
+        """The state dict's hyperparameters and MISA section (everything but the per-parameter state)."""
         groups = []
         for hyper in self.param_groups:
             saved = {k: v for k, v in hyper.items() if k != "params"}
             saved["params"] = [self._slot[id(p)] for p in hyper["params"]]
             groups.append(saved)
         return {
-            "state": state,
             "param_groups": groups,
             "misa": {
                 "version": STATE_VERSION,
@@ -400,10 +515,14 @@ class MISA(Optimizer):
         missing = [n for n in saved["active"] if n not in by_name]
         if missing:
             raise ValueError(f"the saved active modules are not in this model: {missing[:3]}")
-        params = [None] * len(self._param_names)
-        for hyper in self.param_groups:
-            for p in hyper["params"]:
-                params[self._slot[id(p)]] = p
+        params = self._params_by_slot()
+        for slot, entries in state_dict["state"].items():
+            p = params[int(slot)]
+            for name, value in entries.items():
+                if distributed.is_dtensor(p) and not distributed.is_dtensor(value):
+                    raise ValueError(f"state {name!r} of {self._param_names[int(slot)]} is a plain tensor but the "
+                                     "parameter is an FSDP2 shard: load sharded checkpoints with "
+                                     "misa.distributed.load_checkpoint")
         for hyper, group in zip(self.param_groups, state_dict["param_groups"]):
             hyper.update({k: v for k, v in group.items() if k != "params"})
         for p in list(self.state):
@@ -415,9 +534,10 @@ class MISA(Optimizer):
         self._steps.copy_(saved["steps"])
         self._step_count = saved["step_count"]
         self.sampler.load_state_dict(saved["sampler"])
-        self.generator.set_state(saved["generator"])
+        self.generator.set_state(saved["generator"].cpu())  # accelerate moves the whole state to the device
         self._active = [by_name[n] for n in saved["active"]]
         self._rebuild_groups()
+        self._after_switch()
 
     def __repr__(self) -> str:
         return (f"MISA(sampler={self.sampler.name}, modules={len(self.partition.modules)}, "
