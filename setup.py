@@ -1,4 +1,5 @@
-"""Builds misa_kernels._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
+"""Builds the compiled kernels: the C++ CPU kernels always (misa_kernels._cpu_<capability>), the
+CUDA kernels (misa_kernels._C) when they can be built.
 
 Build with the torch you will run against, outside an isolated build environment:
 
@@ -9,8 +10,9 @@ Switches (environment variables):
 - ``MISA_KERNELS_BUILD_CUDA=auto|0|1``: build the CUDA kernels: when torch is a CUDA build and
   a CUDA toolkit is found (auto, the default), never (0), or always, failing if impossible (1).
 - ``MISA_KERNELS_CPU_CAPABILITY=auto|DEFAULT|AVX2|AVX512``: the x86 vector width the CPU
-  kernels are compiled for; auto takes what this machine's torch reports. The package checks
-  at import that the CPU it runs on has it, and otherwise falls back to the 'torch' backend.
+  kernels are compiled for; auto takes what this machine's torch reports. The package checks,
+  before importing them, that the CPU it runs on has it, and otherwise falls back to the
+  'torch' backend.
 - ``TORCH_CUDA_ARCH_LIST`` (e.g. "9.0"), ``MAX_JOBS``: read by torch.utils.cpp_extension.
 - ``MISA_KERNELS_DEBUG=1``: -O0 -g, and device-side line info.
 """
@@ -30,6 +32,11 @@ CPU_CAPABILITY_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
+
+
+#: at::parallel_for is an inline `#pragma omp parallel` when torch is built with OpenMP: without
+#: -fopenmp the CPU kernels would silently run on one thread (csrc/cpu/multi_tensor.h refuses).
+OPENMP_FLAGS = ["-fopenmp"] if torch.backends.openmp.is_available() else []
 
 
 def _env(name, default, allowed):
@@ -67,26 +74,34 @@ def _relative(paths):
     return sorted(os.path.relpath(p, HERE) for p in paths)
 
 
+def _sources(*patterns):
+    return _relative([path for pattern in patterns for path in glob.glob(os.path.join(HERE, "csrc", pattern))])
+
+
 def extensions():
+    """Two modules. misa_kernels._cpu_<capability>: the CPU kernels, compiled for the vector
+    width in its name, so Python checks this CPU has it before importing. misa_kernels._C: the
+    CUDA kernels (bindings only, in a build without CUDA), compiled without vector flags so its
+    import is safe anywhere."""
     debug = os.environ.get("MISA_KERNELS_DEBUG", "0") == "1"
     capability = _cpu_capability()
     with_cuda = _build_cuda()
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += CPU_CAPABILITY_FLAGS[capability]
-    cxx += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
-            f'-DMISA_CPU_CAPABILITY="{capability}"']
-    sources = _relative(glob.glob(os.path.join(HERE, "csrc", "*.cpp"))
-                        + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(HERE, "csrc")]
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-Wno-unknown-pragmas"]  # torch's headers carry clang and CUDA pragmas GCC does not know
+    cpu_cxx = cxx + CPU_CAPABILITY_FLAGS[capability] + OPENMP_FLAGS + [
+        f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
+        f'-DMISA_CPU_CAPABILITY="{capability}"']
+    cpu = CppExtension(f"misa_kernels._cpu_{capability.lower()}", _sources("cpu/*.cpp"),
+                       include_dirs=include_dirs, extra_compile_args={"cxx": cpu_cxx},
+                       extra_link_args=OPENMP_FLAGS)
     if not with_cuda:
-        return [CppExtension("misa_kernels._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx})]
-    sources += _relative(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
-                         + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
+        return [cpu, CppExtension("misa_kernels._C", _sources("*.cpp"), include_dirs=include_dirs,
+                                  extra_compile_args={"cxx": cxx})]
     nvcc = ["-O3", "-lineinfo"] if not debug else ["-O0", "-G"]
-    return [CUDAExtension("misa_kernels._C", sources, include_dirs=include_dirs,
-                          define_macros=[("MISA_WITH_CUDA", "1")],
-                          extra_compile_args={"cxx": cxx + ["-DMISA_WITH_CUDA"], "nvcc": nvcc})]
+    return [cpu, CUDAExtension("misa_kernels._C", _sources("*.cpp", "cuda/*.cu", "cuda/*.cpp"),
+                               include_dirs=include_dirs, define_macros=[("MISA_WITH_CUDA", "1")],
+                               extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
 
 
 setup(

@@ -12,7 +12,7 @@ NAME = "cpu"
 AUTO_PRIORITY = {"cpu": 10}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 unavailable_reason = _extension.cpu_unavailable_reason
-grad_sq_norms, adamw_step_ = bind("cpu")
+grad_sq_norms, adamw_step_ = bind(_extension.cpu_module, "cpu")
 
 
 def supports_device(device: torch.device) -> bool:

@@ -14,7 +14,7 @@ NAME = "cuda"
 AUTO_PRIORITY = {"cuda": 20}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 unavailable_reason = _extension.cuda_unavailable_reason
-grad_sq_norms, adamw_step_ = bind("cuda")
+grad_sq_norms, adamw_step_ = bind(_extension.cuda_module, "cuda")
 
 
 def supports_device(device: torch.device) -> bool:
