@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -90,6 +90,20 @@ def time_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def time_interleaved(fns: Dict[str, Callable[[], None]], device: torch.device, reps: int,
+                     warmup: int = 3) -> Dict[str, List[float]]:
+    """Milliseconds of `reps` calls of each function, taken in rounds (one call of each per
+    round), so that a slow spell of a shared machine hits every implementation alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name] += time_ms(fn, device, 1, warmup=0)
     return times
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -185,34 +186,35 @@ def main(argv=None) -> List[harness.Row]:
 
 
 def run(args, device, scale, reps, backends) -> List[harness.Row]:
-    rows = [copy_bandwidth(device, 32 * 2**20 // (scale * scale), reps)]
+    # the copy ceiling on a buffer as large as the block case's weights (out of every cache)
+    rows = [copy_bandwidth(device, sum(math.prod(s) for s in shapes("block", scale)), reps)]
     for case in args.cases.split(","):
         shape_list = shapes(case, scale)
         case_name = f"{case}/{scale}" if scale > 1 else case
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             for op in args.ops.split(","):
-                timed = {}
+                fns, tensors = {}, {}
                 for backend in backends:
-                    t = Tensors(shape_list, dtype, device)
-                    fn = ours(backend, t, op)
-                    timed[f"misa_kernels:{backend}"] = (harness.time_ms(fn, device, reps),
-                                                        harness.count_launches(fn, device), t)
-                    del fn
-                t = Tensors(shape_list, dtype, device)
-                for name, fn in peers(t, op).items():
-                    timed[name] = (harness.time_ms(fn, device, reps), harness.count_launches(fn, device), t)
-                peer_p50 = {name: harness.percentiles(v[0])[1] for name, v in timed.items() if ":" not in name}
-                best_peer = min(peer_p50, key=peer_p50.get)
-                for name, (times, launches, tensors) in timed.items():
-                    p20, p50, p80 = harness.percentiles(times)
-                    is_ours = name.startswith("misa_kernels")
+                    name = f"misa_kernels:{backend}"
+                    tensors[name] = Tensors(shape_list, dtype, device)
+                    fns[name] = ours(backend, tensors[name], op)
+                peer_tensors = Tensors(shape_list, dtype, device)
+                for name, fn in peers(peer_tensors, op).items():
+                    fns[name], tensors[name] = fn, peer_tensors
+                times = harness.time_interleaved(fns, device, reps)
+                p50 = {name: harness.percentiles(t)[1] for name, t in times.items()}
+                best_peer = min((n for n in fns if ":" not in n), key=p50.get)
+                for name, fn in fns.items():
+                    p20, median, p80 = harness.percentiles(times[name])
+                    is_ours = ":" in name
                     rows.append(harness.Row(
                         op, case_name, dtype_name, name, str(device), len(shape_list),
-                        sum(p.numel() for p in tensors.params), p20, p50, p80,
-                        bytes_moved(op, tensors) / p50 / 1e6,
-                        peer_p50[best_peer] / p50 if is_ours else 1.0, best_peer if is_ours else "", launches))
-                del timed, t
+                        sum(p.numel() for p in tensors[name].params), p20, median, p80,
+                        bytes_moved(op, tensors[name]) / median / 1e6,
+                        p50[best_peer] / median if is_ours else 1.0, best_peer if is_ours else "",
+                        harness.count_launches(fn, device)))
+                del fns, tensors, peer_tensors
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
