@@ -252,8 +252,9 @@ def adamw_step_(
     dev = steps.device
     num_modules = steps.numel()
     param_dtype = _uniform_dtype("params", params)
+    # float64 everywhere for float64 weights (the reference's exact mode), float32 otherwise
     state_dtypes = (torch.float64,) if param_dtype == torch.float64 else (torch.float32,)
-    _validate.check_vector("steps", steps, num_modules, dev, (torch.float32, torch.float64))
+    _validate.check_vector("steps", steps, num_modules, dev, state_dtypes)
     _validate.check_module_ids(module_ids, num_modules, "steps.numel()")
     _validate.check_tensor_list("params", params, dev, _validate.FLOAT_DTYPES)
     shapes = [p.shape for p in params]
@@ -264,10 +265,11 @@ def adamw_step_(
         if param_dtype == torch.float64:
             raise TypeError("master_params are float32 copies of low-precision weights; float64 params need none")
         _validate.check_tensor_list("master_params", master_params, dev, (torch.float32,), shapes)
-    _validate.check_scalar_tensor("clip_coef", clip_coef, dev)
-    _validate.check_scalar_tensor("found_inf", found_inf, dev)
-    _validate.check_scalar_tensor("lr", lr if isinstance(lr, torch.Tensor) else None, dev, allow_cpu=True)
-    _validate.check_vector("sq_norms_out", sq_norms_out, num_modules, dev, (torch.float32, torch.float64))
+    _validate.check_scalar_tensor("clip_coef", clip_coef, dev, state_dtypes)
+    _validate.check_scalar_tensor("found_inf", found_inf, dev, state_dtypes)
+    _validate.check_scalar_tensor("lr", lr if isinstance(lr, torch.Tensor) else None, dev,
+                                  (torch.float32, torch.float64), allow_cpu=True)
+    _validate.check_vector("sq_norms_out", sq_norms_out, num_modules, dev, state_dtypes)
     name = _select_backend(backend, str(dev), params=param_dtype, grads=_uniform_dtype("grads", grads))
     if isinstance(lr, torch.Tensor) and lr.device.type == "cpu" and dev.type != "cpu":
         lr = float(lr)  # a host tensor is read on the host: free, and keeps kernels off host memory

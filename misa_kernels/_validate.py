@@ -102,16 +102,16 @@ def check_vector(name: str, t: Optional[torch.Tensor], length: int, device: torc
 
 
 def check_scalar_tensor(name: str, t: Optional[torch.Tensor], device: torch.device,
-                        allow_cpu: bool = False) -> None:
-    """Checks a 0-dim float32 device flag or coefficient (clip_coef, found_inf, lr)."""
+                        dtypes: Sequence[torch.dtype] = (torch.float32,), allow_cpu: bool = False) -> None:
+    """Checks a 0-dim device flag or coefficient (clip_coef, found_inf, lr)."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.numel() != 1 or t.dim() > 1:
         raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} has dtype {t.dtype}; expected torch.float32")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected {', '.join(map(str, dtypes))}")
     if t.device != device and not (allow_cpu and t.device.type == "cpu"):
         raise ValueError(f"{name} is on {t.device} but the op runs on {device}")
 

@@ -1,6 +1,6 @@
 """Checks specific to the C++ `cpu` backend: results that do not depend on the thread count,
-chunk boundaries and vector tails, dtype combinations, float64 bookkeeping buffers, and the
-TORCH_CHECKs that guard a direct call into the compiled CPU module (misa_kernels._cpu_<capability>).
+chunk boundaries and vector tails, dtype combinations, and the TORCH_CHECKs that guard a
+direct call into the compiled CPU module (misa_kernels._cpu_<capability>).
 
 Tolerance rule as in test_ops.py: error against float64 <= 2 x the float32 'torch' backend's
 error + a small floor.
@@ -73,8 +73,11 @@ def _adamw_vs_reference(sizes, param_dtype, grad_dtype, *, master, module_ids=No
             st = {k: [t.double() for t in v] for k, v in st.items()}
             g, s = [t.double() for t in grads], steps.double()
         extra = {"master_params": st["master_params"]} if "master_params" in st else {}
+        args = dict(hyper)
+        if kind == "ref64" and isinstance(args.get("clip_coef"), torch.Tensor):
+            args["clip_coef"] = args["clip_coef"].double()
         mk.adamw_step_(p, g, st["exp_avgs"], st["exp_avg_sqs"], s, module_ids,
-                       backend="cpu" if kind == "cpu" else "torch", **extra, **hyper)
+                       backend="cpu" if kind == "cpu" else "torch", **extra, **args)
         runs[kind] = (p, st, s)
     return runs
 
@@ -110,7 +113,7 @@ def test_adamw_bitwise_identical_for_any_thread_count(restore_threads, dtype, ma
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         p, st = _clone_all(params, state)
-        steps, norms = torch.zeros(4), torch.zeros(4, dtype=torch.float64)
+        steps, norms = torch.zeros(4), torch.zeros(4)
         for _ in range(2):
             mk.adamw_step_(p, grads, st["exp_avgs"], st["exp_avg_sqs"], steps, module_ids, lr=1e-2,
                            weight_decay=0.1, master_params=st.get("master_params"),
@@ -196,22 +199,6 @@ def test_adamw_first_moment_for_any_beta1(beta1):
         _close_to_reference(f"param {i}", pc[i], pr[i], pt[i], 1e-7)
         if beta1 == 0.0:
             assert torch.equal(sc["exp_avgs"][i], st["exp_avgs"][i])
-
-
-# -------------------------------------------------------------- float64 steps and sq_norms_out
-
-
-def test_adamw_float64_steps_and_sq_norms_out():
-    grads = [torch.randn(n) for n in (CHUNK + 3, 9, 250)]
-    params = [torch.randn_like(g) for g in grads]
-    state = _adamw_state(params, master=False)
-    steps = torch.tensor([2.0, 0.0, 7.0], dtype=torch.float64)
-    out = torch.full((3,), -1.0, dtype=torch.float64)
-    mk.adamw_step_(params, grads, state["exp_avgs"], state["exp_avg_sqs"], steps, [0, 0, 2], lr=1e-3,
-                   sq_norms_out=out, backend="cpu")
-    assert steps.tolist() == [3.0, 0.0, 8.0]
-    ref = mk.grad_sq_norms([g.double() for g in grads], [0, 0, 2], 3, backend="torch")
-    torch.testing.assert_close(out, ref.module_sq_norms, rtol=2e-6, atol=0)
 
 
 def test_nonfinite_norms_skip_the_step_but_still_report_norms():

@@ -314,3 +314,48 @@ def test_sq_norms_mixed_dtypes_match_float64(backend, device):
     torch.testing.assert_close(stats.clip_coef.cpu().double(), ref.clip_coef, rtol=2e-6, atol=0)
     torch.testing.assert_close(accum.cpu().double(), ref.module_sq_norms, rtol=2e-6, atol=0)
     assert count.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_one_module_over_many_chunks(backend, device):
+    """A module spanning dozens of chunks of every backend (CUDA reduces a module's chunks in a
+    per-lane loop that runs more than once only past 32 chunks)."""
+    grads = _grads([33 * 65536 + 5, 1000], torch.float32, device)
+    stats = mk.grad_sq_norms(grads, [1, 1], 2, backend=backend)
+    ref = mk.grad_sq_norms([g.cpu().double() for g in grads], [1, 1], 2, backend="torch")
+    torch.testing.assert_close(stats.module_sq_norms.cpu().double(), ref.module_sq_norms, rtol=2e-6, atol=0)
+    params = [torch.zeros_like(g) for g in grads]
+    m = [torch.zeros_like(g) for g in grads]
+    v = [torch.zeros_like(g) for g in grads]
+    out = torch.zeros(2, device=device)
+    mk.adamw_step_(params, grads, m, v, torch.zeros(2, device=device), [1, 1], lr=0.5, sq_norms_out=out,
+                   backend=backend)
+    torch.testing.assert_close(out.cpu().double(), ref.module_sq_norms, rtol=2e-6, atol=0)
+    # first step from zero moments: the update is -lr * g / (|g| + eps): -lr * sign(g)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p, -0.5 * g / (g.abs() + 1e-8), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_views(backend, device, dtype):
+    """Contiguous views that start one element into their storage: no 16-byte alignment."""
+    def view(n):
+        return torch.randn(n + 1, device=device).to(dtype)[1:]
+
+    sizes = [4097, 65537 + 3, 9]
+    params, grads = [view(n) for n in sizes], [view(n) for n in sizes]
+    master = [p.float() for p in params] if dtype != torch.float32 else None
+    base = master or params
+    m = [torch.rand(n + 1, device=device)[1:] * 0.1 for n in sizes]
+    v = [torch.rand(n + 1, device=device)[1:] * 0.01 for n in sizes]
+    expected = [t.clone() for t in base], [t.clone() for t in m], [t.clone() for t in v]
+    mk.adamw_step_(expected[0], [g.clone() for g in grads], expected[1], expected[2], torch.zeros(3, device=device),
+                   [0, 1, 2], lr=0.01, weight_decay=0.1, backend="torch")
+    mk.adamw_step_(params, grads, m, v, torch.zeros(3, device=device), [0, 1, 2], lr=0.01, weight_decay=0.1,
+                   master_params=master, backend=backend)
+    for got, want in zip(base + m + v, expected[0] + expected[1] + expected[2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    stats = mk.grad_sq_norms(grads, [0, 1, 2], 3, backend=backend)
+    ref = mk.grad_sq_norms([g.cpu().double() for g in grads], [0, 1, 2], 3, backend="torch")
+    torch.testing.assert_close(stats.module_sq_norms.cpu().double(), ref.module_sq_norms, rtol=2e-6, atol=0)

@@ -84,6 +84,10 @@ class TestAdamWRejects:
         with pytest.raises(TypeError, match=r"master_params\[0\] has dtype torch.bfloat16"):
             mk.adamw_step_(**args, lr=0.1, master_params=masters, backend=backend)
 
+    def test_float64_flag_with_float32_weights(self, backend, device):
+        with pytest.raises(TypeError, match="found_inf has dtype torch.float64; expected torch.float32"):
+            mk.adamw_step_(**_adam_args(), lr=0.1, found_inf=torch.zeros((), dtype=torch.float64), backend=backend)
+
     def test_clip_coef_not_a_scalar(self, backend, device):
         with pytest.raises(ValueError, match="clip_coef must be a 0-dim tensor"):
             mk.adamw_step_(**_adam_args(), lr=0.1, clip_coef=torch.ones(2), backend=backend)
@@ -130,7 +134,8 @@ def test_float64_needs_the_reference_backend():
         with pytest.raises(TypeError, match="does not support params of dtype torch.float64"):
             mk.adamw_step_(**_adam_args(dtype=torch.float64) | {
                 "exp_avgs": [torch.zeros(5, dtype=torch.float64)] * 2,
-                "exp_avg_sqs": [torch.zeros(5, dtype=torch.float64)] * 2}, lr=0.1, backend=name)
+                "exp_avg_sqs": [torch.zeros(5, dtype=torch.float64)] * 2,
+                "steps": torch.zeros(2, dtype=torch.float64)}, lr=0.1, backend=name)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
