@@ -139,6 +139,20 @@ def write(rows: List[Row], name: str, out_dir: Optional[Path] = None) -> Path:
     return path
 
 
+def write_dicts(rows: List[dict], name: str, out_dir: Optional[Path] = None) -> Path:
+    """Appends plain records (results that are not timings) to `<out_dir>/<name>.csv`."""
+    out_dir = Path(out_dir or OUT_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def table(rows: List[Row]) -> str:
     header = f"{'op':<10} {'case':<22} {'dtype':<9} {'impl':<24} {'p50 ms':>9} {'GB/s':>7} {'ratio':>6} {'vs':<22} {'launch':>6}"
     lines = [header, "-" * len(header)]
