@@ -12,7 +12,7 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -126,17 +126,8 @@ def count_launches(fn: Callable[[], None], device: torch.device) -> int:
 
 
 def write(rows: List[Row], name: str, out_dir: Optional[Path] = None) -> Path:
-    out_dir = Path(out_dir or OUT_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
-    return path
+    """Appends timing rows to `<out_dir>/<name>.csv` (the one schema: :class:`Row`)."""
+    return write_dicts([asdict(row) for row in rows], name, out_dir)
 
 
 def write_dicts(rows: List[dict], name: str, out_dir: Optional[Path] = None) -> Path:
