@@ -27,6 +27,7 @@ and pretrained.pt. Prints the summary table at the end.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import statistics
 import sys
@@ -140,6 +141,14 @@ def scenario_methods(scenario: str, preset: Preset) -> List[Method]:
     ]
 
 
+def _override(method: Method, options: dict) -> Method:
+    """`method` with `options` replacing its MISA options (methods of other families unchanged)."""
+    if method.family != "misa":
+        return method
+    note = method.note + "; " + ", ".join(f"{k}={v}" for k, v in options.items())
+    return replace(method, note=note, options={**method.options, **options})
+
+
 @dataclass
 class Run:
     """What one training run measured."""
@@ -174,8 +183,8 @@ def build_optimizer(model: torch.nn.Module, method: Method, lr: float, preset: P
     """(model, optimizer): MISA for every family but LoRA, which gets peft adapters (fp32,
     as peft.get_peft_model makes them) and torch.optim.AdamW over them."""
     if method.family != "lora":
-        return model, misa.MISA(model, lr=lr, betas=BETAS, interval=preset.interval, max_grad_norm=MAX_GRAD_NORM,
-                                seed=seed, **method.options)
+        options = {"interval": preset.interval, "max_grad_norm": MAX_GRAD_NORM, **method.options}
+        return model, misa.MISA(model, lr=lr, betas=BETAS, seed=seed, **options)
     import peft
     rank = method.options["rank"]
     torch.manual_seed(seed)
@@ -378,6 +387,16 @@ def plot(runs: List[Run], rows: List[Dict], scenario: str, path: Path, title: st
 # ---------------------------------------------------------------------------- main
 
 
+def _parse_override(parser: argparse.ArgumentParser, item: str):
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        parser.error(f"--misa takes KEY=VALUE, got {item!r}")
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text  # a bare word: a string option such as importance=paper
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -391,7 +410,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", help="a text file to pre-train on instead of the standard library")
     parser.add_argument("--finetune-data", help="a text file to fine-tune on instead of the pydoc topics")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the preset's, else torch's)")
+    parser.add_argument("--misa", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an option of every MISA-sampled method, e.g. --misa importance=paper "
+                             "--misa eta=1 --misa interval=10 (repeatable; values are Python literals)")
     args = parser.parse_args(argv)
+    args.misa = dict(_parse_override(parser, item) for item in args.misa)
     for flag in ("seeds", "steps", "finetune_steps", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -424,6 +447,8 @@ def main(argv=None) -> List[Dict]:
         if unknown:
             raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
         plans = {s: [m for m in ms if m.name in wanted] for s, ms in plans.items()}
+    if args.misa:
+        plans = {s: [_override(m, args.misa) for m in ms] for s, ms in plans.items()}
 
     corpora = {"pretrain": data.file_corpus(args.data) if args.data else data.stdlib_corpus()}
     if "finetune" in scenarios:

@@ -161,3 +161,17 @@ def test_bad_command_lines_fail_with_the_reason(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             experiment.main(["--preset", "gpu", "--out", str(tmp_path)])
+
+
+def test_misa_overrides_reach_only_misa_methods():
+    args = experiment.parse_args(["--misa", "importance=paper", "--misa", "eta=2.5", "--misa", "interval=7"])
+    assert args.misa == {"importance": "paper", "eta": 2.5, "interval": 7}
+    preset = experiment.PRESETS["smoke"]
+    methods = [experiment._override(m, args.misa) for m in experiment.scenario_methods("pretrain", preset)]
+    for m in methods:
+        if m.family == "misa" and m.options.get("sampler", "misa") == "misa":
+            assert m.options["importance"] == "paper" and m.options["eta"] == 2.5 and m.options["interval"] == 7
+        else:
+            assert "eta" not in m.options
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--misa", "eta"])
