@@ -117,13 +117,18 @@ def _scenario_data_parallel(rank, tmp):
     result["scores"] = opt.sampler.scores.clone()
     result["frozen_grads"] = sum(p.grad is not None for p in model.parameters() if not p.requires_grad)
 
-    fresh = _model(seed=5)
-    fresh_opt = misa.MISA(fresh, seed=SEED, **OPTIONS)
-    distributed.load_checkpoint(os.path.join(tmp, "dp"), fresh, fresh_opt)
-    for step in range(SAVE_AT, STEPS):
-        _dp_step(fresh, fresh_opt, step, rank)
-    result["resumed_params"] = _full_params(fresh)
+    result["resumed_params"] = _resume(os.path.join(tmp, "dp"), _model(seed=5), _dp_step, rank)
     return result
+
+
+def _resume(path, fresh, step_fn, rank):
+    """Loads the checkpoint at `path` into `fresh` (differently initialised) and a new MISA,
+    runs the remaining steps, and returns the full parameters."""
+    fresh_opt = misa.MISA(fresh, seed=SEED, **OPTIONS)
+    distributed.load_checkpoint(path, fresh, fresh_opt)
+    for step in range(SAVE_AT, STEPS):
+        step_fn(fresh, fresh_opt, step, rank)
+    return _full_params(fresh)
 
 
 def _scenario_ddp_rewrap(rank, tmp):
@@ -189,12 +194,7 @@ def _scenario_fsdp(rank, tmp):
     result["state"] = [(type(v).__name__, v.numel(), distributed.local(v).numel())
                        for s in opt.state.values() for v in s.values()]
 
-    fresh = _sharded_model(seed=5)
-    fresh_opt = misa.MISA(fresh, seed=SEED, **OPTIONS)
-    distributed.load_checkpoint(os.path.join(tmp, "fsdp"), fresh, fresh_opt)
-    for step in range(SAVE_AT, STEPS):
-        _plain_step(fresh, fresh_opt, step, rank)
-    result["resumed_params"] = _full_params(fresh)
+    result["resumed_params"] = _resume(os.path.join(tmp, "fsdp"), _sharded_model(seed=5), _plain_step, rank)
     return result
 
 
