@@ -50,7 +50,10 @@ def _fill_grads(params, seed=0):
 def step_rows(args, device, dtype_name) -> List[harness.Row]:
     dtype = getattr(torch, dtype_name)
     fns, sizes = {}, {}
-    for label, options in (("MISA", {}), ("MISA(skip_nonfinite=False)", {"skip_nonfinite": False})):
+    variants = [("MISA", {}), ("MISA(skip_nonfinite=False)", {"skip_nonfinite": False})]
+    if dtype != torch.float32:  # like for like with the peer, which keeps no fp32 masters
+        variants.append(("MISA(master_weights=False)", {"master_weights": False}))
+    for label, options in variants:
         for clip in (None, 1.0):
             model = _model(args, dtype, device)
             opt = misa.MISA(model, lr=1e-4, weight_decay=0.01, delta=args.delta, interval=10**9,
