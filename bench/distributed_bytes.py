@@ -38,7 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "python_api")]
 
 import misa  # noqa: E402
-from misa import distributed, models  # noqa: E402
+from misa import distributed  # noqa: E402
+from misa_examples import models  # noqa: E402
 
 STRATEGIES = ("ddp_all", "ddp_all_skip_unused", "ddp_initial", "ddp_rewrap", "misa", "fsdp2")
 

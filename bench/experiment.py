@@ -1,6 +1,6 @@
 """The main job: MISA against full AdamW, LISA, BAdam and LoRA on real text, same seed, data and steps.
 
-Two scenarios, each training a LLaMA-style causal LM (misa.models: q, k, v, o, gate, up, down,
+Two scenarios, each training a LLaMA-style causal LM (misa_examples.models: q, k, v, o, gate, up, down,
 RMSNorm, rotary) on byte-level tokens:
 
 - pretrain: from random weights on the Python standard library's source (held out by file),
@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 
 import misa  # noqa: E402
-from misa import data, memory, models  # noqa: E402
+from misa import memory  # noqa: E402
+from misa_examples import data, models  # noqa: E402
 
 SCENARIOS = ("pretrain", "finetune")
 BETAS = (0.9, 0.95)

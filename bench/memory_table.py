@@ -1,7 +1,7 @@
 """Training memory of LLaMA-2-7B and LLaMA-3-8B shapes with AdamW, LoRA, LISA, BAdam and MISA.
 
 Counts with misa.memory.estimate on the meta device (nothing is allocated, nothing is
-downloaded: the shapes are written down in misa.models.CONFIGS), at several deltas, with the
+downloaded: the shapes are written down in misa_examples.models.CONFIGS), at several deltas, with the
 activations of `--batch` sequences of `--seq-len` tokens (by default BAdam's published setting:
 batch 2, 1024 tokens, activation checkpointing). `--measure` also trains a small real model
 with every method and sets the estimate beside the measured bytes (CPU: live tensors and the
@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 
-from misa import MISA, memory, models, partition  # noqa: E402
+from misa import MISA, memory, partition  # noqa: E402
+from misa_examples import models  # noqa: E402
 
 #: published peaks (the same setting: fp16/bf16 weights, batch 2, activation checkpointing).
 PUBLISHED = {

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import misa  # noqa: E402
-from misa import models  # noqa: E402
+from misa_examples import models  # noqa: E402
 
 
 def _model(args, dtype, device):

@@ -1,4 +1,4 @@
-"""The experiment's data (misa.data) and the main job end to end on its seconds-long preset."""
+"""The experiment's data (misa_examples.data) and the main job end to end on its seconds-long preset."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,8 @@ import zlib
 import pytest
 import torch
 
-from misa import data, memory
+from misa import memory
+from misa_examples import data
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import experiment  # noqa: E402

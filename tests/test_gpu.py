@@ -7,7 +7,7 @@ import torch
 
 import misa
 import misa_kernels as mk
-from misa import models
+from misa_examples import models
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

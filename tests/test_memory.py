@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import misa
-from misa import memory, models
+from misa import memory
+from misa_examples import models
 
 SMALL = models.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=80, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2)

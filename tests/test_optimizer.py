@@ -13,7 +13,7 @@ import torch
 
 import misa
 import misa_kernels as mk
-from misa import models
+from misa_examples import models
 from conftest import BACKEND_DEVICE
 
 TINY = models.LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
@@ -354,7 +354,7 @@ def test_resume_in_a_fresh_process_is_bitwise_exact(tmp_path):
     model, _ = _run_with_checkpoint(tmp_path, 12, 6)
     script = textwrap.dedent(f"""
         import torch, misa
-        from misa import models
+        from misa_examples import models
         import test_optimizer as t
         model = t._model(torch.bfloat16, seed=5)
         opt = misa.MISA(model, lr=1e-2, delta=0.15, interval=3, seed=11, max_grad_norm=1.0)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import misa
-from misa import models
+from misa_examples import models
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra")
 

@@ -8,9 +8,9 @@ The optimizer trains, at any time, only the modules its sampler activates (impor
 under a parameter budget for ``sampler="misa"``; LISA, BAdam and full AdamW are samplers too),
 through the fused ops of :mod:`misa_kernels`.
 """
-from . import data, memory, models, samplers
+from . import memory, samplers
 from .optimizer import MISA
 from .partition import Module, Partition, find_block_lists, partition
 
-__all__ = ["MISA", "partition", "Partition", "Module", "find_block_lists", "samplers", "memory", "models", "data"]
+__all__ = ["MISA", "partition", "Partition", "Module", "find_block_lists", "samplers", "memory"]
 __version__ = "0.1.0"

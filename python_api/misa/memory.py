@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import nn
 
-from . import models
+from misa_examples import models
 from .partition import NON_BLOCK_POLICIES, find_block_lists, partition
 
 METHODS = ("adamw", "lora", "lisa", "badam", "misa")
@@ -129,7 +129,7 @@ def estimate(
 
     Args:
         model_or_config (nn.Module, LlamaConfig or str): a model (any device, ``meta`` included),
-            a :class:`misa.models.LlamaConfig`, or a name in :data:`misa.models.CONFIGS`.
+            a :class:`misa_examples.models.LlamaConfig`, or a name in :data:`misa_examples.models.CONFIGS`.
         method (str): "adamw", "lora", "lisa", "badam" or "misa".
         delta (float, optional): budget of misa (and of lisa without `n_layers`), a fraction of
             all parameters in (0, 1] (default: 0.03).
@@ -376,7 +376,7 @@ def _block_activations(arch: _Arch, e: int, trained: Set[str], lora: Set[str], l
     """Bytes per token that one LLaMA block saves for the backward pass, whether its output needs
     a gradient, and whether its rotary embedding saved cos and sin.
 
-    Counted as PyTorch autograd saves them for :mod:`misa.models` (and HF LLaMA), `e` bytes per
+    Counted as PyTorch autograd saves them for :mod:`misa_examples.models` (and HF LLaMA), `e` bytes per
     activation element: each RMSNorm passing a gradient saves its fp32 input and 1/rms
     (4h + 4), and its normalised input when its weight trains (e*h); attention saves q, k and v
     (repeated to every head), its output and the fp32 log-sum-exp (4*e*h + 4*heads); SwiGLU saves
