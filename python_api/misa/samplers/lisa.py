@@ -30,7 +30,7 @@ class LISASampler(Sampler):
         self.n_layers = n_layers
 
     def select(self, step: int) -> List[int]:
-        order = self.random_order(list(range(len(self.sizes))))
+        order = self.random_order(list(self.candidates))
         if self.n_layers is not None:
             return order[: self.n_layers]
         return self.fill(order)
