@@ -123,10 +123,12 @@ def scenario_methods(scenario: str, preset: Preset) -> List[Method]:
         style = dict(eta=500.0, importance="released")
         headline = Method("misa-25%", "misa", "delta 25%, eta 500, embedding + head trained (pre-training setting)",
                           dict(delta=0.25, non_block="embed_head", **style), dict(delta=0.25, non_block="embed_head"))
-    else:  # the paper's fine-tuning defaults
+    else:  # the paper's fine-tuning defaults, delta raised where a module of a small model exceeds 3%
         style = dict(eta=1.0, importance="paper")
-        headline = Method("misa-3%", "misa", "delta 3%, eta 1, embedding + head frozen (paper defaults)",
-                          dict(delta=0.03, **style), dict(delta=0.03))
+        delta = max(0.03, float(misa.samplers.smallest_delta(max(m.numel for m in part.modules), part.total_params)))
+        raised = "" if delta == 0.03 else f" (3% raised to {delta:.2%}: the largest module must fit)"
+        headline = Method("misa-3%", "misa", f"delta 3%{raised}, eta 1, embedding + head frozen (paper defaults)",
+                          dict(delta=delta, **style), dict(delta=delta))
     return [
         Method("adamw", "adamw", "every parameter", dict(sampler="full")),
         headline,
@@ -212,6 +214,15 @@ def train(scenario: str, method: Method, model: torch.nn.Module, corpus: data.Co
     heldout_batches = corpus.heldout_batches(preset.eval_batches, preset.batch, preset.seq_len)
     heldout = [(0, evaluate(model, heldout_batches, preset.device))]
     losses, train_seconds, peak = [], 0.0, None
+
+    def measure_peak(_optimizer=None):
+        nonlocal peak
+        live = memory.measure(model, optimizer)
+        if peak is None or live.optimizer > peak.optimizer:
+            peak = live
+
+    if isinstance(optimizer, misa.MISA):  # state lives from the first step of an activation to the switch
+        optimizer.register_switch_hook(measure_peak, before=True)
     sampled = isinstance(optimizer, misa.MISA) and optimizer.partition.granularity == "module" \
         and optimizer.sampler.uses_budget
     active_steps: Dict[str, int] = {}
@@ -226,13 +237,11 @@ def train(scenario: str, method: Method, model: torch.nn.Module, corpus: data.Co
         loss.backward()
         if method.family == "lora":
             torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+        optimizer.step()
         _sync(preset.device)
         train_seconds += time.perf_counter() - t0
-        live = memory.measure(model, optimizer)  # gradients and state both alive: the peak moment
-        if peak is None or live.optimizer > peak.optimizer:
-            peak = live
+        measure_peak()  # gradients and state alive (a switch inside the step measured before it)
         t0 = time.perf_counter()
-        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         _sync(preset.device)

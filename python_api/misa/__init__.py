@@ -9,8 +9,10 @@ under a parameter budget for ``sampler="misa"``; LISA, BAdam and full AdamW are 
 through the fused ops of :mod:`misa_kernels`.
 """
 from . import memory, samplers
-from .optimizer import MISA
-from .partition import Module, Partition, find_block_lists, partition
+from .optimizer import MISA, Coverage
+from .param_groups import weight_decay_groups
+from .partition import Module, Partition, Piece, find_block_lists, partition
 
-__all__ = ["MISA", "partition", "Partition", "Module", "find_block_lists", "samplers", "memory"]
+__all__ = ["MISA", "Coverage", "weight_decay_groups", "partition", "Partition", "Module", "Piece", "find_block_lists",
+           "samplers", "memory"]
 __version__ = "0.1.0"
