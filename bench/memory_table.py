@@ -36,7 +36,7 @@ PUBLISHED = {
     ("llama3-8b", "adamw-fp32-grads"): "144+ (BAdam README)",
 }
 COLUMNS = ["method", "setting", "trained", "x one block", "opt B/param", "weights", "gradients", "masters", "moments",
-           "optimizer", "activations", "total", "published"]
+           "optimizer", "activations", "transients", "total", "published"]
 
 
 def rows_for(config_name: str, deltas: List[float], batch: int, seq_len: int, checkpointing: bool,
@@ -51,7 +51,9 @@ def rows_for(config_name: str, deltas: List[float], batch: int, seq_len: int, ch
         ("adamw", "adamw-bf16", "pure bf16 weights, fp32 moments", dict(master_weights=False)),
         ("adamw", "adamw-fp32-grads", "+ fp32 gradient copy (the published 18M)", dict(fp32_grad_copy=True)),
         ("lora", "lora", f"rank {rank} on q,k,v,o,gate,up,down, fp32 adapters", dict(rank=rank)),
-        ("lisa", "lisa", "1 block + embedding + head (LMFlow's default)", dict(n_layers=1)),
+        ("lisa", "lisa", "2 blocks + embedding + head (LMFlow's default, lisa_activated_layers=2)",
+         dict(n_layers=2)),
+        ("lisa", "lisa-1", "1 block + embedding + head", dict(n_layers=1)),
         ("badam", "badam", "1 block, this package's layout", {}),
         ("badam", "badam-released", "1 block + fp32 gradient copy (BAdam's code)", dict(fp32_grad_copy=True)),
     ]
@@ -67,7 +69,7 @@ def rows_for(config_name: str, deltas: List[float], batch: int, seq_len: int, ch
             "trained": f"{est.trained_params / 1e6:.1f}M", "x one block": f"{est.trained_params / block:.2f}",
             "opt B/param": f"{est.optimizer / est.trained_params:.1f}",
             **{k: f"{getattr(est, k) / report.GB:.2f}" for k in
-               ("weights", "gradients", "masters", "moments", "optimizer", "activations", "total")},
+               ("weights", "gradients", "masters", "moments", "optimizer", "activations", "transients", "total")},
             "published": PUBLISHED.get((config_name, key), ""),
         })
     return rows
@@ -169,7 +171,8 @@ def main(argv=None) -> None:
     print(f"activations: batch {args.batch} x {args.seq_len} tokens, "
           f"{'with' if checkpointing else 'without'} activation checkpointing; bf16 weights")
     print("trained: parameters with a gradient and optimizer state; x one block: trained / one block's "
-          "parameters; opt B/param: (gradients + masters + moments) / trained; total: the sum of the categories")
+          "parameters; opt B/param: (gradients + masters + moments) / trained; transients: the loss's fp32 "
+          "buffers beside the saved activations; total: the sum of the categories")
     all_rows = []
     for name in args.configs:
         rows = rows_for(name, args.deltas, args.batch, args.seq_len, checkpointing, args.rank)

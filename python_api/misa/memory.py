@@ -1,7 +1,7 @@
 r"""Memory accounting: the bytes that training a model takes with AdamW, LoRA, LISA, BAdam or MISA.
 
 :func:`estimate` counts, from shapes alone (build 7B/8B models on the ``meta`` device: nothing is
-allocated), the bytes of five categories:
+allocated), the bytes of six categories:
 
 - **weights**: every parameter in the model's dtype, plus LoRA adapters in theirs.
 - **gradients**: one gradient per trained parameter, in the parameter's dtype (this package and
@@ -12,6 +12,11 @@ allocated), the bytes of five categories:
 - **moments**: AdamW's m and v in fp32, 8 bytes per trained parameter.
 - **activations** (with ``batch`` and ``seq_len``): the tensors autograd saves in the forward
   pass for the backward, for LLaMA-style blocks (see :func:`_block_activations`).
+- **transients** (with ``batch`` and ``seq_len``): the buffers of the loss that live beside the
+  saved activations without being saved: in the backward pass, the gradients of the fp32
+  log-probabilities and of the fp32 logits, 8 bytes per logit (batch x seq_len x vocabulary);
+  the forward pass's bf16 logits and their fp32 copy (6 bytes per logit) are fewer. At 2 x 1024
+  tokens this is 0.52 GB for LLaMA-2-7B, 2.1 GB for LLaMA-3-8B (vocabulary 128256).
 
 What is trained, per method (``delta`` is the fraction of all parameters, as in :class:`misa.MISA`):
 
@@ -31,8 +36,26 @@ misa       the modules (q, k, v, o, gate, up, down) that best fill the budget ``
 Without ``active``, the sampled methods are counted at their largest active set, taken from
 the lowest blocks (so that the backward pass reaches every block: the worst case for
 activations); ``active=[module names]`` counts one particular set. The total is the sum of the
-categories: an upper bound of the peak, apart from the allocator's overhead and transient
-buffers (activation gradients, the logits' copies while the loss is computed).
+categories: an upper bound of the peak (the loss's buffers are gone before the backward pass
+recomputes a checkpointed block and before most gradients exist), apart from the allocator's
+overhead and the smaller activation gradients inside a block. What the estimate assumes:
+
+- the tensors PyTorch's autograd saves for :mod:`misa_examples.models` and Hugging Face's
+  ``LlamaForCausalLM`` (SDPA attention saving q, k, v, its output and the log-sum-exp, as the
+  CPU's and CUDA's flash and memory-efficient kernels do; an eager attention would also save
+  the batch x heads x seq_len^2 probabilities), and the loss computed on fp32 logits;
+- with ``checkpointing``, non-reentrant checkpointing of every block: each block that passes a
+  gradient keeps its input, and one block at a time holds its saved tensors in the backward
+  (Hugging Face's ``activation_checkpointing_enable`` makes the embedding's output require a
+  gradient, so that every block passes one: the default largest set, in the lowest blocks,
+  counts that);
+- a switch of the active set frees the state of the modules dropped before it creates the
+  state of those added: the peak holds one active set's state;
+- nothing of the device: no CUDA context, no caching-allocator rounding or
+  fragmentation, no cuBLAS workspace.
+
+Measured against it: ``bench/memory_measured.py`` (a 7B-shaped Hugging Face model on the CPU,
+torch's allocator bytes at their peak; tests/test_memory_measured.py at a small shape).
 """
 from __future__ import annotations
 
@@ -58,6 +81,9 @@ MAX_FILL_COMBINATIONS = 2_000_000
 FP32_BYTES = 4
 MOMENT_BYTES = 8  # AdamW's m and v in fp32
 INDEX_BYTES = 8  # int64 token ids, saved by the embedding and the loss
+#: per logit, the loss's backward buffers beside the saved fp32 log-probabilities: the gradients
+#: of the log-probabilities and of the fp32 logits.
+LOSS_BUFFER_BYTES = 8
 
 #: names inside a LLaMA block -> the kind used by the activation model.
 _BLOCK_KINDS = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
@@ -76,6 +102,7 @@ class MemoryEstimate:
     masters: int
     moments: int
     activations: int
+    transients: int
     trained_params: int
     total_params: int
     description: str = ""
@@ -86,7 +113,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + self.activations
+        return self.weights + self.optimizer + self.activations + self.transients
 
     def as_dict(self) -> dict:
         return {**asdict(self), "optimizer": self.optimizer, "total": self.total}
@@ -147,8 +174,8 @@ def estimate(
         lora_targets (list of str, optional): names of the linears LoRA adapts (default: the
             seven of a LLaMA block).
         lora_dtype (torch.dtype, optional): the adapters' dtype (default: float32).
-        batch, seq_len (int, optional): give both for the activation estimate (LLaMA-style
-            models only); without them activations count 0.
+        batch, seq_len (int, optional): give both for the activation and transient estimates
+            (LLaMA-style models only); without them both count 0.
         checkpointing (bool, optional): activation checkpointing of every block (default: False).
 
     Raises:
@@ -196,7 +223,7 @@ def estimate(
         masters = FP32_BYTES * sum(p.numel() for _, p in trained if weight_bytes(p) < FP32_BYTES * p.numel())
     moments = MOMENT_BYTES * (trained_numel + lora_numel)
 
-    activations = 0
+    activations = transients = 0
     if batch is not None:
         arch = _arch(config, model)
         floating = next(p for _, p in named if p.is_floating_point())
@@ -204,7 +231,8 @@ def estimate(
         activations = _activations(arch, find_block_lists(model), [n for n, _ in trained],
                                    [n for n, *_ in adapters], rank, element, lora_bytes, batch, seq_len,
                                    checkpointing)
-    return MemoryEstimate(method, weights, gradients, masters, moments, activations,
+        transients = LOSS_BUFFER_BYTES * batch * seq_len * arch.vocab
+    return MemoryEstimate(method, weights, gradients, masters, moments, activations, transients,
                           trained_numel + lora_numel, total_params, description)
 
 
@@ -453,7 +481,7 @@ def measure(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None)
                     else:
                         moments += size
     total = sum(p.numel() for p in model.parameters())
-    return MemoryEstimate("measured", sum(storages.values()), gradients, masters, moments, 0, trained, total)
+    return MemoryEstimate("measured", sum(storages.values()), gradients, masters, moments, 0, 0, trained, total)
 
 
 def saved_tensor_bytes(model: nn.Module, run: Callable[[], object]) -> int:
