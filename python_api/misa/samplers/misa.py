@@ -9,11 +9,12 @@ temperature independent of the gradient scale), then:
 
 1. the modules never sampled are tried first, oldest first, each taken if it still fits the
    budget (the warm-up sweep);
-2. the `sample_last` least recently used modules are tried next, but together they take at most
-   `LRU_BUDGET_SHARE` of the budget, so that at small budgets (one or two modules' worth) the
-   importance draw still places modules: with the whole budget open to them, the least
-   recently used picks would fill it and the scores would never matter (the released code's
-   behaviour, which `lru_budget_share=1.0` restores);
+2. the `sample_last` least recently used modules are tried next. At every other resampling
+   they may take the whole budget, as in the released code, which bounds how long any module
+   waits; in between they take at most `LRU_BUDGET_SHARE` of it, so that at small budgets (one
+   or two modules' worth) the importance draw still places modules at least every other time
+   (with the whole budget always open to them, the least recently used picks would fill it and
+   the scores would never matter). `lru_budget_share=1.0` restores the released behaviour;
 3. the rest are taken in the order of successive weighted draws without replacement, each
    taken if it fits (a greedy fill), until none is left.
 
@@ -72,6 +73,7 @@ class MISASampler(Sampler):
         self.accum_weight = weight.to(device=device, dtype=torch.float32)
         self.probs = torch.full((n,), 1.0 / n, dtype=torch.float64)
         self.last_used = [-1] * n
+        self.draws = 0  # resamplings so far: the least recently used picks alternate their share
         self._unvisited = set(self.candidates)
 
     _DEVICE_BUFFERS = ("scores", "accum", "accum_count", "update_count", "accum_weight")
@@ -106,7 +108,9 @@ class MISASampler(Sampler):
         never = [b for b in by_age if self.last_used[b] == -1]
         least_recent = [b for b in by_age if self.last_used[b] != -1][: self.sample_last]
         chosen = self.fill(never)
-        chosen = self.fill(least_recent, chosen, limit=int(self.lru_budget_share * self.budget))
+        share = 1.0 if self.draws % 2 else self.lru_budget_share
+        chosen = self.fill(least_recent, chosen, limit=int(share * self.budget))
+        self.draws += 1
         taken = set(chosen)
         rest = [b for b in self.candidates if b not in taken]
         chosen = self.fill(self.random_order(rest, self.probs[rest]), chosen)
@@ -123,6 +127,7 @@ class MISASampler(Sampler):
             "update_count": self.update_count.clone(),
             "probs": self.probs.clone(),
             "last_used": list(self.last_used),
+            "draws": self.draws,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -130,4 +135,5 @@ class MISASampler(Sampler):
             getattr(self, key).copy_(state[key])
         self.probs = state["probs"].to("cpu", torch.float64).clone()
         self.last_used = list(state["last_used"])
+        self.draws = state["draws"]
         self._unvisited = {b for b in self.candidates if self.last_used[b] == -1}
