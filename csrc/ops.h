@@ -13,12 +13,13 @@
 
 // Both backends implement the same two functions:
 //
-// grad_sq_norms returns {module_sq_norms [M], total_norm [], clip_coef [], found_inf []},
-// float32. accum_rule: 0 = "sq" (accum += w * s_m), 1 = "clipped_norm" (accum += w * sqrt(s_m) *
-// clip_coef).
+// grad_sq_norms returns {module_sq_norms [M], total_norm []} in float64 (a finite gradient has a
+// finite norm) and {clip_coef [], found_inf []} in float32. accum_rule: 0 = "sq" (accum += w *
+// s_m), 1 = "clipped_norm" (accum += w * sqrt(s_m) * clip_coef).
 //
-// adamw_step_: lr_tensor (a 0-dim float32 tensor on the params' device), when given, is read on
-// device instead of lr.
+// adamw_step_: lr_tensor (a one-element float32 or float64 tensor), when given, is read instead of
+// lr (on the device when it lives there); steps, clip_coef and found_inf are float32;
+// sq_norms_out is float64.
 #define MISA_DECLARE_OPS                                                                         \
   std::vector<at::Tensor> grad_sq_norms(                                                         \
       const std::vector<at::Tensor>& grads, const std::vector<int64_t>& module_ids,              \

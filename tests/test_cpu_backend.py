@@ -71,11 +71,9 @@ def _adamw_vs_reference(sizes, param_dtype, grad_dtype, *, master, module_ids=No
         if kind == "ref64":
             p = [t.double() for t in st.pop("master_params", p)]
             st = {k: [t.double() for t in v] for k, v in st.items()}
-            g, s = [t.double() for t in grads], steps.double()
+            g = [t.double() for t in grads]
         extra = {"master_params": st["master_params"]} if "master_params" in st else {}
         args = dict(hyper)
-        if kind == "ref64" and isinstance(args.get("clip_coef"), torch.Tensor):
-            args["clip_coef"] = args["clip_coef"].double()
         mk.adamw_step_(p, g, st["exp_avgs"], st["exp_avg_sqs"], s, module_ids,
                        backend="cpu" if kind == "cpu" else "torch", **extra, **args)
         runs[kind] = (p, st, s)
@@ -113,7 +111,7 @@ def test_adamw_bitwise_identical_for_any_thread_count(restore_threads, dtype, ma
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         p, st = _clone_all(params, state)
-        steps, norms = torch.zeros(4), torch.zeros(4)
+        steps, norms = torch.zeros(4), torch.zeros(4, dtype=torch.float64)
         for _ in range(2):
             mk.adamw_step_(p, grads, st["exp_avgs"], st["exp_avg_sqs"], steps, module_ids, lr=1e-2,
                            weight_decay=0.1, master_params=st.get("master_params"),
@@ -145,11 +143,11 @@ def test_fused_sq_norms_across_chunks_and_vector_tails(dtype):
     module_ids = [i % 5 for i in range(len(sizes))]
     params = [torch.zeros_like(g) for g in grads]
     state = _adamw_state(params, master=False)
-    out = torch.zeros(5)
+    out = torch.zeros(5, dtype=torch.float64)
     mk.adamw_step_(params, grads, state["exp_avgs"], state["exp_avg_sqs"], torch.zeros(5), module_ids, lr=1e-3,
                    sq_norms_out=out, backend="cpu")
     ref = mk.grad_sq_norms([g.double() for g in grads], module_ids, 5, backend="torch")
-    torch.testing.assert_close(out.double(), ref.module_sq_norms, rtol=3e-7, atol=0)
+    torch.testing.assert_close(out, ref.module_sq_norms, rtol=3e-7, atol=0)
 
 
 def test_adamw_across_chunks_and_vector_tails():
@@ -210,13 +208,13 @@ def test_nonfinite_norms_skip_the_step_but_still_report_norms():
     stats = mk.grad_sq_norms(grads, [0, 1], 2, max_norm=1.0, backend="cpu")
     assert stats.found_inf.item() == 1.0 and stats.clip_coef.item() == 1.0
     before = [t.clone() for t in params + state["exp_avgs"] + state["exp_avg_sqs"]]
-    out = torch.zeros(2)
+    out = torch.zeros(2, dtype=torch.float64)
     mk.adamw_step_(params, grads, state["exp_avgs"], state["exp_avg_sqs"], steps, [0, 1], lr=0.1,
                    clip_coef=stats.clip_coef, found_inf=stats.found_inf, sq_norms_out=out, backend="cpu")
     assert all(torch.equal(a, b) for a, b in zip(before, params + state["exp_avgs"] + state["exp_avg_sqs"]))
     assert steps.tolist() == [1.0, 1.0]
     assert out[0].item() == math.inf
-    torch.testing.assert_close(out[1], grads[1].double().square().sum().float(), rtol=2e-6, atol=0)
+    torch.testing.assert_close(out[1], grads[1].double().square().sum(), rtol=2e-6, atol=0)
 
 
 # ------------------------------------------------------------------- checks on a direct C++ call
@@ -242,6 +240,10 @@ def _direct_adamw(**overrides):
     ({"exp_avg_sqs": [torch.zeros(5).bfloat16(), torch.zeros(5)]}, r"exp_avg_sqs\[0\] has dtype BFloat16"),
     ({"master_params": [torch.zeros(5)]}, r"master_params has 1 entries but params has 2"),
     ({"steps": torch.zeros(2, dtype=torch.int64)}, r"steps has dtype Long"),
+    ({"steps": torch.zeros(2, dtype=torch.float64)}, r"steps has dtype Double; expected float32"),
+    ({"sq_norms_out": torch.zeros(2)}, r"sq_norms_out has dtype Float; expected one of \[Double\]"),
+    ({"found_inf": torch.zeros((), dtype=torch.float64)}, r"found_inf has dtype Double; expected float32"),
+    ({"lr_tensor": torch.zeros((), dtype=torch.float16)}, r"lr_tensor has dtype Half; expected float32 or float64"),
     ({"sq_norms_out": torch.zeros(3)}, r"sq_norms_out must have shape \(2,\)"),
     ({"clip_coef": torch.ones(2)}, r"clip_coef must hold one element"),
     ({"found_inf": torch.zeros((), dtype=torch.int32)}, r"found_inf has dtype Int"),

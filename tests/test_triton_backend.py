@@ -8,6 +8,7 @@ chunks with both the whole-block and the masked-tail paths, at a few programs pe
 """
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -50,32 +51,36 @@ def _tensors(sizes, device, dtype=torch.float32, unaligned=False):
 
 def test_table_layout_offsets_and_module_runs():
     grads = [torch.randn(n) for n in (5, 0, 40, 17)]
-    work = work_table.build({"grads": grads}, [2, 0, 2, 1], 4, torch.device("cpu"), chunk_size=16,
-                            scalars=[0.25, -1e-300])
+    work = work_table.build({"grads": grads}, [2, 0, 2, 1], 4, torch.device("cpu"), chunk_size=16)
     table = work.table
     chunks_at = work_table.HEADER_SLOTS
     tensors_at = chunks_at + 3 * 6
-    present_at = tensors_at + 2 * 4
-    presence_at = present_at + 3 * 3
-    assert table[:work_table.SCALARS_AT].tolist() == [4, 3, present_at, presence_at]
+    module_begin_at = tensors_at + 2 * 4
+    presence_at = module_begin_at + 4 + 1
+    assert table[:work_table.HEADER_SLOTS].tolist() == [4, 6, module_begin_at, presence_at]
     assert table.numel() == presence_at + 4
-    scalars = table[work_table.SCALARS_AT:work_table.SCALARS_AT + 2].view(torch.float64)
-    assert scalars.tolist() == [0.25, -1e-300]
     # chunks sorted by module, then tensor: module 1 (tensor 3), then module 2 (tensors 0, 2)
     assert work.num_chunks == 6
     rows = table[chunks_at:tensors_at].view(6, 3)
     assert ((rows[:, 0] - tensors_at) // 2).tolist() == [3, 3, 0, 2, 2, 2]
     assert rows[:, 1].tolist() == [0, 16, 0, 0, 16, 32]
     assert rows[:, 2].tolist() == [16, 1, 5, 16, 16, 8]
-    tensor_rows = table[tensors_at:present_at].view(4, 2)
+    tensor_rows = table[tensors_at:module_begin_at].view(4, 2)
     assert tensor_rows[:, 0].tolist() == [2, 0, 2, 1]
-    base = work.bases[0]
+    (base,) = work.bases([grads])
     assert base.data_ptr() == min(g.data_ptr() for g in grads if g.numel())
     for i in (0, 2, 3):
         assert base.data_ptr() + 4 * int(tensor_rows[i, 1]) == grads[i].data_ptr()
-    # present modules (the empty tensor makes module 0 present) with their runs of chunks
-    assert table[present_at:presence_at].view(3, 3).tolist() == [[0, 0, 0], [1, 0, 2], [2, 2, 6]]
+    # every module's run of chunks (module 0 holds only the empty tensor, module 3 nothing)
+    assert table[module_begin_at:presence_at].tolist() == [0, 0, 2, 6, 6]
     assert table[presence_at:].tolist() == [1, 1, 1, 0]
+
+
+def test_float_arguments_carry_float64_exactly():
+    for value in (0.0, -0.0, 1e-3, 0.999, -1e-300, 5e-324, 1e300, -math.inf, math.inf):
+        bits = work_table.float_bits(value)
+        back = torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()
+        assert back == value and math.copysign(1.0, back) == math.copysign(1.0, value)
 
 
 def test_table_alignment_flag_and_empty_lists():
@@ -85,8 +90,8 @@ def test_table_alignment_flag_and_empty_lists():
     unaligned = work_table.build({"g": [flat[:8], flat[9:20]]}, [0, 0], 1, torch.device("cpu"), 16)
     assert not unaligned.aligned
     empty = work_table.build({"g": []}, [], 3, torch.device("cpu"), 16)
-    assert empty.num_chunks == 0 and empty.bases == (None,)
-    assert empty.table[work_table.NUM_PRESENT_SLOT].item() == 0
+    assert empty.num_chunks == 0 and empty.base_index == (None,)
+    assert empty.table[work_table.NUM_CHUNKS_SLOT].item() == 0
 
 
 def test_table_rejects_tensors_not_aligned_to_their_element_size():
@@ -124,7 +129,7 @@ def test_sq_norms_several_chunks_per_tensor(device, unaligned, dtype):
     ref = mk.grad_sq_norms([g.cpu().double() for g in grads], MODULE_IDS, NUM_MODULES, max_norm=0.5,
                            accum=accum_ref, accum_count=count_ref, accum_rule="clipped_norm", backend="torch")
     for name, a, b in zip(("module_sq_norms", "total_norm", "clip_coef"), got, ref):
-        torch.testing.assert_close(a.cpu().double(), b, rtol=2e-6, atol=0, msg=name)
+        torch.testing.assert_close(a.cpu(), b, rtol=2e-6, atol=0, msg=name)
     assert got[0][2].item() == 0.0 and got[0][4].item() == 0.0 and got[3].item() == 0.0
     torch.testing.assert_close(accum.cpu(), accum_ref, rtol=2e-6, atol=0)
     assert count.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
@@ -167,7 +172,7 @@ def test_adamw_several_chunks_per_tensor(device, unaligned, master):
     ref = _clone(inputs)
     steps = torch.tensor([0.0, 3.0, 7.0, 1.0, 5.0], device=device)
     steps_ref = steps.clone()
-    sq_out = torch.full((NUM_MODULES,), -1.0, device=device)
+    sq_out = torch.full((NUM_MODULES,), -1.0, dtype=torch.float64, device=device)
     sq_ref = sq_out.clone()
     common = dict(lr=torch.tensor(1e-2, device=device), beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
                   maximize=False, clip_coef=torch.tensor(0.7, device=device), found_inf=None)
@@ -233,7 +238,7 @@ def test_skipped_step_still_writes_fused_norms(device):
     inputs = _adam_inputs(device)
     before = _clone(inputs)
     steps = torch.tensor([2.0, 0.0, 1.0, 9.0, 4.0], device=device)
-    sq_out = torch.full((NUM_MODULES,), 5.0, device=device)
+    sq_out = torch.full((NUM_MODULES,), 5.0, dtype=torch.float64, device=device)
     adamw.adamw_step_(inputs["params"], inputs["grads"], inputs["exp_avgs"], inputs["exp_avg_sqs"], steps,
                       MODULE_IDS, 0.1, 0.9, 0.999, 1e-8, 0.1, False, None, torch.tensor(0.5, device=device),
                       torch.tensor(1.0, device=device), sq_out, chunk_size=SMALL_CHUNK)
@@ -241,7 +246,7 @@ def test_skipped_step_still_writes_fused_norms(device):
         assert all(torch.equal(a, b) for a, b in zip(inputs[key], before[key])), key
     assert steps.tolist() == [2.0, 0.0, 1.0, 9.0, 4.0]
     ref = mk.grad_sq_norms([g.cpu().double() for g in inputs["grads"]], MODULE_IDS, NUM_MODULES, backend="torch")
-    torch.testing.assert_close(sq_out.cpu().double(), ref.module_sq_norms, rtol=2e-6, atol=0)
+    torch.testing.assert_close(sq_out.cpu(), ref.module_sq_norms, rtol=2e-6, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -251,7 +256,7 @@ def test_far_and_fractional_steps(device):
     grads = [torch.randn(n, device=device) for n in sizes]
     state = [[torch.rand(n, device=device) * 0.1 for n in sizes], [torch.rand(n, device=device) * 0.01 for n in sizes]]
     steps = torch.tensor([0.0, 1.0, 999.0, 123456.0, 2.5], device=device)
-    sq_out = torch.zeros(5, device=device)
+    sq_out = torch.zeros(5, dtype=torch.float64, device=device)
     runs = []
     for backend in ("triton", "torch"):
         p, m, v, s, out = [t.clone() for t in params], [t.clone() for t in state[0]], \
@@ -303,7 +308,8 @@ def test_two_launches_per_op(device, monkeypatch):
     launches.clear()
     params = _tensors([5, 70], device)
     mk.adamw_step_(params, grads, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
-                   torch.zeros(2, device=device), [0, 1], lr=0.1, sq_norms_out=torch.zeros(2, device=device),
+                   torch.zeros(2, device=device), [0, 1], lr=0.1,
+                   sq_norms_out=torch.zeros(2, dtype=torch.float64, device=device),
                    found_inf=torch.zeros((), device=device), backend="triton")
     assert launches == ["adamw_chunks", "adamw_finalize"]
     launches.clear()

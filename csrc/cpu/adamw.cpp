@@ -1,7 +1,8 @@
 // misa::cpu::adamw_step_: AdamW over many tensors in one parallel pass over fixed-size chunks,
 // with per-module step counts, a clip coefficient and skip flag read on the host (all inputs are
 // in host memory), optional fp32 master weights, and the optional per-module sum of squared
-// gradients read in the same pass.
+// gradients read in the same pass (float64; a chunk whose float32 sum overflows is summed again
+// in double).
 //
 // The arithmetic is torch.optim.AdamW's (the reference backend's) in fp32, vectorised the way
 // PyTorch's fused CPU Adam kernel is (aten/src/ATen/native/cpu/FusedAdamKernel.cpp): bias
@@ -113,20 +114,9 @@ double adamw_chunk(const AdamWTensors<param_t, grad_t>& t, int64_t i, int64_t be
   return sq_total;
 }
 
-// Reads steps[m] (float32 or float64) as double.
-double read_step(const at::Tensor& steps, int64_t m) {
-  return steps.scalar_type() == at::kFloat ? steps.const_data_ptr<float>()[m] : steps.const_data_ptr<double>()[m];
-}
-
-// Overwrites `out` (float32 or float64) with the per-module sums, 0 where no tensor belongs.
+// Overwrites the float64 `out` with the per-module sums, 0 where no tensor belongs.
 void write_module_sums(const at::Tensor& out, const std::vector<double>& sums) {
-  for (size_t m = 0; m < sums.size(); ++m) {
-    if (out.scalar_type() == at::kFloat) {
-      out.data_ptr<float>()[m] = static_cast<float>(sums[m]);
-    } else {
-      out.data_ptr<double>()[m] = sums[m];
-    }
-  }
+  std::copy(sums.begin(), sums.end(), out.data_ptr<double>());
 }
 
 }  // namespace
@@ -150,8 +140,7 @@ void adamw_step_(
   if (master_params.has_value()) check_length(master_params->size(), "master_params");
   TORCH_CHECK(steps.device().is_cpu() && steps.dim() == 1 && steps.is_contiguous(),
               "steps must be a contiguous 1-D CPU tensor, got shape ", steps.sizes(), " on ", steps.device());
-  TORCH_CHECK(steps.scalar_type() == at::kFloat || steps.scalar_type() == at::kDouble, "steps has dtype ",
-              steps.scalar_type(), "; expected float32 or float64");
+  TORCH_CHECK(steps.scalar_type() == at::kFloat, "steps has dtype ", steps.scalar_type(), "; expected float32");
   const int64_t num_modules = steps.numel();
   check_module_ids(module_ids, num_modules, "steps.numel()");
   check_tensor_list(params, "params", at::ScalarType::Undefined);
@@ -161,10 +150,10 @@ void adamw_step_(
   check_tensor_list(exp_avgs, "exp_avgs", at::kFloat, &numels);
   check_tensor_list(exp_avg_sqs, "exp_avg_sqs", at::kFloat, &numels);
   if (master_params.has_value()) check_tensor_list(*master_params, "master_params", at::kFloat, &numels);
-  check_vector(sq_norms_out, "sq_norms_out", num_modules, {at::kFloat, at::kDouble});
+  check_vector(sq_norms_out, "sq_norms_out", num_modules, {at::kDouble});
   const bool skip = found_inf.has_value() && read_scalar(*found_inf, "found_inf") != 0.0;
   const float clip = clip_coef.has_value() ? static_cast<float>(read_scalar(*clip_coef, "clip_coef")) : 1.f;
-  if (lr_tensor.has_value()) lr = read_scalar(*lr_tensor, "lr_tensor");
+  if (lr_tensor.has_value()) lr = read_scalar(*lr_tensor, "lr_tensor", /*allow_double=*/true);
 
   const std::vector<Chunk> chunks = make_chunks(numels);
   if (skip) {  // nothing is written but the documented norms
@@ -180,7 +169,7 @@ void adamw_step_(
   std::vector<ModuleScalars> modules(num_modules);
   for (int64_t m = 0; m < num_modules; ++m) {
     if (!present[m]) continue;
-    const double t = read_step(steps, m) + 1.0;
+    const double t = static_cast<double>(steps.const_data_ptr<float>()[m]) + 1.0;
     modules[m] = {static_cast<float>(lr / (1.0 - std::pow(beta1, t))),
                   static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)))};
   }
@@ -220,7 +209,11 @@ void adamw_step_(
               const Chunk& chunk = chunks[c];
               const double sq = adamw_chunk<param_t, grad_t, kMaster, kSqNorms>(
                   tensors, chunk.tensor, chunk.begin, chunk.size, scalars, modules[module_ids[chunk.tensor]]);
-              if constexpr (kSqNorms) chunk_sums[c] = sq;
+              if constexpr (kSqNorms) {
+                // the gradient is only read, so an overflowed float32 sum can be redone in double
+                chunk_sums[c] = std::isfinite(sq) ? sq
+                    : sum_of_squares_double(tensors.grads[chunk.tensor] + chunk.begin, chunk.size);
+              }
             }
           });
         };
@@ -236,13 +229,9 @@ void adamw_step_(
   }
   if (with_sq_norms) write_module_sums(*sq_norms_out, module_sums(chunks, chunk_sums, module_ids, num_modules));
 
+  float* step_counts = steps.data_ptr<float>();
   for (int64_t m = 0; m < num_modules; ++m) {
-    if (!present[m]) continue;
-    if (steps.scalar_type() == at::kFloat) {
-      steps.data_ptr<float>()[m] += 1.f;
-    } else {
-      steps.data_ptr<double>()[m] += 1.0;
-    }
+    if (present[m]) step_counts[m] += 1.f;
   }
 }
 

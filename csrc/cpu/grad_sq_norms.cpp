@@ -1,5 +1,6 @@
 // misa::cpu::grad_sq_norms: per-module squared gradient norms over many tensors in one parallel
-// pass, then the total norm, clip coefficient, non-finite flag and importance accumulation on
+// pass (float32 blocks summed in double; a chunk that overflows float32 is summed again in
+// double), then the total norm, clip coefficient, non-finite flag and importance accumulation on
 // the host (all inputs are in host memory, so reading the results there costs nothing).
 #include <cmath>
 
@@ -38,19 +39,19 @@ std::vector<at::Tensor> grad_sq_norms(
   const std::vector<Chunk> chunks = make_chunks(numels);
   const std::vector<double> sums = module_sums(chunks, chunk_sums_of_squares(grads, chunks), module_ids, num_modules);
 
-  at::Tensor module_sq_norms = at::empty({num_modules}, at::TensorOptions().dtype(at::kFloat));
-  float* sq = module_sq_norms.data_ptr<float>();
-  double total = 0.0;
+  // float64 sums (a finite gradient has a finite norm), float32 coefficient and flag, as torch_ref
+  at::Tensor module_sq_norms = at::empty({num_modules}, at::TensorOptions().dtype(at::kDouble));
+  double* sq = module_sq_norms.data_ptr<double>();
+  double total_sq = 0.0;
   for (int64_t m = 0; m < num_modules; ++m) {
-    sq[m] = static_cast<float>(sums[m]);
-    total += sums[m];
+    sq[m] = sums[m];
+    total_sq += sums[m];
   }
-  const float total_sq = static_cast<float>(total);
-  const float total_norm = std::sqrt(total_sq);
+  const double total_norm = std::sqrt(total_sq);
   const bool found_inf = !std::isfinite(total_sq);
   float clip_coef = 1.f;
   if (max_norm.has_value() && !found_inf) {
-    clip_coef = static_cast<float>(std::min(1.0, *max_norm / (static_cast<double>(total_norm) + kClipEps)));
+    clip_coef = static_cast<float>(std::min(1.0, *max_norm / (total_norm + kClipEps)));
   }
 
   if (!found_inf && (accum.has_value() || accum_count.has_value())) {
@@ -62,16 +63,18 @@ std::vector<at::Tensor> grad_sq_norms(
     for (int64_t m = 0; m < num_modules; ++m) {
       if (!present[m]) continue;
       if (acc != nullptr) {
-        float value = accum_rule == kAccumSq ? sq[m] : std::sqrt(sq[m]) * clip_coef;
-        if (weight != nullptr) value *= weight[m];
-        acc[m] += value;
+        // in double, rounded once to the float32 buffer, as torch_ref
+        double value = accum_rule == kAccumSq ? sq[m] : std::sqrt(sq[m]) * static_cast<double>(clip_coef);
+        if (weight != nullptr) value *= static_cast<double>(weight[m]);
+        acc[m] += static_cast<float>(value);
       }
       if (count != nullptr) count[m] += 1.f;
     }
   }
 
-  const auto scalar = [](float value) { return at::scalar_tensor(value, at::TensorOptions().dtype(at::kFloat)); };
-  return {module_sq_norms, scalar(total_norm), scalar(clip_coef), scalar(found_inf ? 1.f : 0.f)};
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  return {module_sq_norms, at::scalar_tensor(total_norm, at::TensorOptions().dtype(at::kDouble)),
+          at::scalar_tensor(clip_coef, options), at::scalar_tensor(found_inf ? 1.f : 0.f, options)};
 }
 
 }  // namespace misa::cpu

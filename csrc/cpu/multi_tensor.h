@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -135,6 +136,27 @@ double sum_of_squares(const T* data, int64_t n) {
   return total + sum_lanes(tail);
 }
 
+// Sum of squares of data[0, n) in double, element by element: exact where the float32 sums of
+// sum_of_squares overflow (an element above ~1.8e19 squares to inf in float32). Slow, and only
+// run on a chunk whose float32-based sum is not finite, so an inf or NaN element costs one more
+// read of its chunk and still gives inf or NaN.
+template <typename T>
+double sum_of_squares_double(const T* data, int64_t n) {
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(static_cast<float>(data[i]));
+    total += x * x;
+  }
+  return total;
+}
+
+// Sum of squares of data[0, n): the fast float32-block sum, redone in double when it overflowed.
+template <typename T>
+double overflow_safe_sum_of_squares(const T* data, int64_t n) {
+  const double fast = sum_of_squares(data, n);
+  return std::isfinite(fast) ? fast : sum_of_squares_double(data, n);
+}
+
 // Calls fn(T{}) with T the C++ type of a float32, float16 or bfloat16 dtype.
 template <typename Fn>
 void dispatch_float_types(at::ScalarType dtype, const char* what, Fn&& fn) {
@@ -157,7 +179,7 @@ inline std::vector<double> chunk_sums_of_squares(const std::vector<at::Tensor>& 
     for (size_t i = 0; i < tensors.size(); ++i) data[i] = tensors[i].const_data_ptr<T>();
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
-        sums[c] = sum_of_squares(data[chunks[c].tensor] + chunks[c].begin, chunks[c].size);
+        sums[c] = overflow_safe_sum_of_squares(data[chunks[c].tensor] + chunks[c].begin, chunks[c].size);
       }
     });
   });
@@ -218,12 +240,12 @@ inline void check_vector(const std::optional<at::Tensor>& t, const char* name, i
               t->scalar_type(), "; expected one of ", c10::ArrayRef<at::ScalarType>(dtypes));
 }
 
-// Reads a one-element float32/float64 CPU tensor (clip_coef, found_inf, lr) on the host.
-inline double read_scalar(const at::Tensor& t, const char* name) {
+// Reads a one-element CPU tensor (clip_coef, found_inf: float32; lr: float32 or float64) on the host.
+inline double read_scalar(const at::Tensor& t, const char* name, bool allow_double = false) {
   TORCH_CHECK(t.device().is_cpu(), name, " is on ", t.device(), "; the cpu backend needs CPU tensors");
   TORCH_CHECK(t.numel() == 1, name, " must hold one element, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name, " has dtype ",
-              t.scalar_type(), "; expected float32");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || (allow_double && t.scalar_type() == at::kDouble), name,
+              " has dtype ", t.scalar_type(), allow_double ? "; expected float32 or float64" : "; expected float32");
   return t.item<double>();
 }
 

@@ -1,7 +1,7 @@
 // adamw_step_ in one launch: block b updates chunk b in fp32 registers, reading lr, clip_coef and
 // found_inf from device memory (no host synchronisation); the block that finishes last advances the
 // step counter of every module present and, when asked, sums the per-chunk squared gradients per
-// module (semantics: misa_kernels/backends/torch_ref.py). Learned from PyTorch's fused AdamW
+// module in double (semantics: misa_kernels/backends/torch_ref.py). Learned from PyTorch's fused AdamW
 // (multi_tensor_apply, fused_adam_utils.cuh); written anew around a device-memory work table.
 #include "adamw_math.cuh"
 #include "device_utils.cuh"
@@ -37,7 +37,7 @@ __device__ float adamw_chunk(const AdamWTensor& tensor, int64_t start, int n, co
       load_pack(grad + offset, g);
       load_pack(exp_avg + offset, m);
       load_pack(exp_avg_sq + offset, v);
-      grad_sq += pack_sum_of_squares(g);
+      grad_sq += pack_sum_of_squares(g);  // float32: chunk_sum_of_squares redoes an overflow in double
 #pragma unroll
       for (int k = 0; k < kPackSize; ++k) adamw_update(w[k], m[k], v[k], g[k], s);
       store_pack(exp_avg + offset, m);
@@ -69,7 +69,6 @@ __device__ float adamw_chunk(const AdamWTensor& tensor, int64_t start, int n, co
 
 template <typename ParamT, typename GradT, bool kMaster>
 __global__ void __launch_bounds__(kAdamThreads) adamw_step_kernel(const __grid_constant__ AdamWArgs args) {
-  __shared__ float warp_sums[kAdamThreads / kWarpSize];
   __shared__ AdamWScalars block_scalars;
   __shared__ bool skip;
   const ChunkTable<AdamWTensor>& table = args.table;
@@ -81,7 +80,9 @@ __global__ void __launch_bounds__(kAdamThreads) adamw_step_kernel(const __grid_c
     skip = args.found_inf != nullptr && *args.found_inf != 0.0f;
     if (has_chunk && !skip) {
       const int32_t module = table.tensors[table.chunk_tensor[chunk]].module;
-      const double lr = args.lr_device != nullptr ? static_cast<double>(*args.lr_device) : args.lr;
+      const double lr = args.lr_device64 != nullptr ? *args.lr_device64
+                        : args.lr_device != nullptr  ? static_cast<double>(*args.lr_device)
+                                                     : args.lr;
       const float clip = args.clip_coef != nullptr ? *args.clip_coef : 1.0f;
       block_scalars = adamw_scalars(args.hyper, lr, static_cast<double>(args.steps[module]) + 1.0, clip);
     }
@@ -92,15 +93,15 @@ __global__ void __launch_bounds__(kAdamThreads) adamw_step_kernel(const __grid_c
     const AdamWTensor tensor = table.tensors[table.chunk_tensor[chunk]];
     const int64_t start = (chunk - tensor.first_chunk) * kChunkSize;
     const int n = static_cast<int>(min(kChunkSize, tensor.numel - start));
+    const GradT* grad = assume_global(static_cast<const GradT*>(tensor.grad)) + start;
     float grad_sq = 0.0f;
     if (!skip) {
       grad_sq = adamw_chunk<ParamT, GradT, kMaster>(tensor, start, n, block_scalars);
     } else if (want_sq) {  // a skipped step writes nothing but still reports the norms
-      const GradT* grad = assume_global(static_cast<const GradT*>(tensor.grad)) + start;
-      grad_sq = thread_sum_of_squares<kAdamThreads>(grad, n, tensor.vectorized);
+      grad_sq = thread_sum_of_squares<kAdamThreads, float>(grad, n, tensor.vectorized);
     }
-    if (want_sq) {
-      const float chunk_sum = block_sum<kAdamThreads>(grad_sq, warp_sums);
+    if (want_sq) {  // the gradient is only read, so an overflowed float32 sum can be redone
+      const double chunk_sum = chunk_sum_of_squares<kAdamThreads>(grad_sq, grad, n, tensor.vectorized);
       if (threadIdx.x == 0) table.chunk_sums[chunk] = chunk_sum;
     }
   }

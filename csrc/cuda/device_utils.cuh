@@ -1,5 +1,6 @@
 // Device helpers shared by the kernels: 8-element packs moved with 16-byte accesses, fixed-order
-// (deterministic) sums, and the "last block" ticket that lets one launch finish its own reduction.
+// (deterministic) sums, overflow-safe chunk sums of squares, and the "last block" ticket that lets
+// one launch finish its own reduction.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -110,12 +111,13 @@ __device__ __forceinline__ float pack_sum_of_squares(const float (&x)[kPackSize]
 // Packs a thread loads before using any, in thread_sum_of_squares: four 16-byte loads in flight.
 constexpr int kSumUnroll = 4;
 
-// This thread's share of sum(x[i]^2) over x[0..n) in a kThreads-thread block, in fp32. Vectorised
-// tensors go pack by pack into kPackSize accumulators (each adds a handful of terms per chunk), then
-// the tail of fewer than kPackSize elements; unaligned tensors go element by element.
-template <int kThreads, typename T>
-__device__ float thread_sum_of_squares(const T* x, int n, bool vectorized) {
-  float acc[kPackSize] = {};
+// This thread's share of sum(x[i]^2) over x[0..n) in a kThreads-thread block, accumulated in Acc
+// (float: the fast pass; double: the redo of a chunk whose float sum overflowed). Vectorised
+// tensors go pack by pack into kPackSize accumulators (each adds a handful of terms per chunk),
+// then the tail of fewer than kPackSize elements; unaligned tensors go element by element.
+template <int kThreads, typename Acc, typename T>
+__device__ Acc thread_sum_of_squares(const T* x, int n, bool vectorized) {
+  Acc acc[kPackSize] = {};
   int scalar_begin = 0;
   if (vectorized) {
     const int packs = n / kPackSize;
@@ -134,51 +136,72 @@ __device__ float thread_sum_of_squares(const T* x, int n, bool vectorized) {
 #pragma unroll
       for (int u = 0; u < kSumUnroll; ++u) {
 #pragma unroll
-        for (int k = 0; k < kPackSize; ++k) acc[k] = __fmaf_rn(v[u][k], v[u][k], acc[k]);
+        for (int k = 0; k < kPackSize; ++k) acc[k] = fma(Acc(v[u][k]), Acc(v[u][k]), acc[k]);
       }
     }
     scalar_begin = packs * kPackSize;
   }
   for (int i = scalar_begin + threadIdx.x; i < n; i += kThreads) {
-    const float v = to_float(x[i]);
-    acc[0] = __fmaf_rn(v, v, acc[0]);
+    const Acc v = to_float(x[i]);
+    acc[0] = fma(v, v, acc[0]);
   }
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 // Butterfly sum over the warp: every lane gets the same value, added in the same order every run.
-__device__ __forceinline__ float warp_sum(float x) {
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;
 }
 
-// Sum of one value per thread of a kThreads-thread block, in a fixed order. The result is valid in
-// warp 0. Every thread must call it; warp_sums holds kThreads / 32 floats of shared memory.
-template <int kThreads>
-__device__ __forceinline__ float block_sum(float x, float* warp_sums) {
+// Sum of one value per thread of a kThreads-thread block, in a fixed order, returned to every
+// thread. Every thread must call it.
+template <int kThreads, typename T>
+__device__ __forceinline__ T block_sum(T x) {
   static_assert(kThreads % kWarpSize == 0 && kThreads <= kWarpSize * kWarpSize, "one warp sums the warps");
+  __shared__ T warp_sums[kThreads / kWarpSize];
+  __shared__ T total;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   x = warp_sum(x);
   if (lane == 0) warp_sums[warp] = x;
   __syncthreads();
-  float total = 0.0f;
-  if (warp == 0) total = warp_sum(lane < kThreads / kWarpSize ? warp_sums[lane] : 0.0f);
-  __syncthreads();  // warp_sums is free again when this returns
-  return total;
+  if (warp == 0) {
+    const T sum = warp_sum(lane < kThreads / kWarpSize ? warp_sums[lane] : T(0));
+    if (lane == 0) total = sum;
+  }
+  __syncthreads();
+  const T result = total;
+  __syncthreads();  // warp_sums and total are free again when this returns
+  return result;
+}
+
+// The sum of squares of x[0..n), one chunk of a kThreads-thread block, in double, returned to
+// every thread: `fast` is this thread's float32 share (thread_sum_of_squares<kThreads, float>,
+// or fused into an update loop). A float32 sum that is not finite (an element above ~1.8e19
+// squares to inf) is redone in double, so a finite gradient always has a finite sum, while an
+// inf or NaN element keeps it inf or NaN; x is only read. Every thread must call it.
+template <int kThreads, typename T>
+__device__ double chunk_sum_of_squares(float fast, const T* x, int n, bool vectorized) {
+  const float sum = block_sum<kThreads>(fast);
+  if (isfinite(sum)) return sum;  // uniform across the block: every thread has the same sum
+  return block_sum<kThreads>(thread_sum_of_squares<kThreads, double>(x, n, vectorized));
 }
 
 // Every thread of every block calls this once, after its chunk's work. Returns true in all threads
 // of the block that finishes last; that block then sees everything the other blocks' thread 0 wrote
-// or read before their call (chunk sums written, step counters read). The counter is part of the
-// per-call table, so it starts at 0 without a memset and concurrent calls never share it.
+// or read before their call (chunk sums written, step counters read). The counter lives in the
+// table, which later calls (and CUDA graph replays) reuse: it is 0 when the table is first copied
+// to the device, and the last block sets it back to 0 (no other block touches it any more).
 __device__ __forceinline__ bool finished_last(unsigned int* blocks_done) {
   __shared__ bool is_last;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();  // release: this block's chunk sum is visible before its ticket is
     is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+    if (is_last) *blocks_done = 0;  // ready for the next launch, which the stream orders after this one
   }
   __syncthreads();
   if (is_last) __threadfence();  // acquire: read other blocks' writes only after all tickets
@@ -191,12 +214,12 @@ __device__ __forceinline__ bool finished_last(unsigned int* blocks_done) {
 // are read with ld.global.cg (L2, not the non-coherent L1): other blocks wrote them.
 template <int kThreads>
 __device__ __forceinline__ void reduce_module_sums(const int32_t* module_chunk_begin, int32_t num_modules,
-                                                   const float* chunk_sums, float* out) {
+                                                   const double* chunk_sums, double* out) {
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t m = warp; m < num_modules; m += kThreads / kWarpSize) {
     const int64_t end = module_chunk_begin[m + 1];
-    float sum = 0.0f;
+    double sum = 0.0;
 #pragma unroll 4
     for (int64_t c = static_cast<int64_t>(module_chunk_begin[m]) + lane; c < end; c += kWarpSize)
       sum += __ldcg(chunk_sums + c);

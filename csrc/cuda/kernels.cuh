@@ -20,8 +20,9 @@ constexpr int64_t kChunkSize = 65536;
 // block of a 1-D grid, whose x-dimension is limited to 2^31 - 1. Element offsets are int64.
 constexpr int64_t kMaxTableIndex = 2147483647;
 
-// Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ and torch_ref do.
-constexpr float kClipEps = 1e-6f;
+// Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ and torch_ref do
+// (in double: the norm is formed in double).
+constexpr double kClipEps = 1e-6;
 
 enum class FloatKind : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -46,29 +47,31 @@ struct AdamWTensor {
   int32_t vectorized;  // 1 when every pointer above is 16-byte aligned
 };
 
-// Device addresses of one call's work table. Chunks are numbered module by module (the tensors of
-// a module in their order in the call), so the chunks of module m are [module_chunk_begin[m],
-// module_chunk_begin[m + 1]) and the last block can sum them in a fixed order.
+// Device addresses of a work table. Chunks are numbered module by module (the tensors of a module in
+// their order in the call), so the chunks of module m are [module_chunk_begin[m],
+// module_chunk_begin[m + 1]) and the last block can sum them in a fixed order. A table is reused by
+// every call with the same tensors (ops.cpp keeps it on the device), so launches that share one
+// must be ordered (one stream): they share chunk_sums and blocks_done.
 template <typename Entry>
 struct ChunkTable {
   const Entry* tensors;               // [num_tensors]
   const int32_t* chunk_tensor;        // [num_chunks] tensor of each chunk
   const int32_t* module_chunk_begin;  // [num_modules + 1]
   const int32_t* module_present;      // [num_modules] 1 when some tensor (maybe empty) has that id
-  float* chunk_sums;                  // [num_chunks] scratch: sum of squared gradients per chunk
-  unsigned int* blocks_done;          // 0 at launch: counts finished blocks to find the last one
+  double* chunk_sums;                 // [num_chunks] scratch: sum of squared gradients per chunk
+  unsigned int* blocks_done;          // 0 at launch: counts finished blocks; the last one resets it
   int32_t num_chunks;
   int32_t num_modules;
 };
 
 struct GradSqNormsArgs {
   ChunkTable<NormTensor> table;
-  float* module_sq_norms;  // [num_modules] out
-  float* total_norm;       // [] out
-  float* clip_coef;        // [] out
-  float* found_inf;        // [] out
+  double* module_sq_norms;  // [num_modules] out
+  double* total_norm;       // [] out
+  float* clip_coef;         // [] out
+  float* found_inf;         // [] out
   bool has_max_norm;
-  float max_norm;
+  double max_norm;
   float* accum;               // [num_modules] or null
   float* accum_count;         // [num_modules] or null
   const float* accum_weight;  // [num_modules] or null
@@ -86,12 +89,13 @@ struct AdamWHyper {
 struct AdamWArgs {
   ChunkTable<AdamWTensor> table;
   float* steps;  // [num_modules] completed updates per module
-  double lr;     // used when lr_device is null
-  const float* lr_device;
+  double lr;     // used when lr_device and lr_device64 are null
+  const float* lr_device;     // a float32 lr tensor on the device, or null
+  const double* lr_device64;  // a float64 lr tensor on the device, or null
   AdamWHyper hyper;
   const float* clip_coef;  // [] or null
   const float* found_inf;  // [] or null: non-zero skips the step
-  float* sq_norms_out;     // [num_modules] or null
+  double* sq_norms_out;    // [num_modules] or null
 };
 
 // Each enqueues one kernel on `stream` and returns cudaGetLastError() (cudaErrorInvalidValue for

@@ -1,9 +1,10 @@
-// Host-side construction of the per-call work table (ChunkTable in kernels.cuh), torch-free so that
-// its layout and chunk numbering can be checked without a GPU. ops.cpp allocates the buffers.
+// Host-side construction of a work table (ChunkTable in kernels.cuh), torch-free so that its layout
+// and chunk numbering can be checked without a GPU. ops.cpp allocates the buffers and keeps each
+// table on the device for as long as the same tensors come back.
 //
 // Byte layout, every section 16-byte aligned, the first five copied from the host:
 //   blocks_done (uint32, 0) | tensors (Entry[T]) | chunk_tensor (int32[C])
-//   | module_chunk_begin (int32[M + 1]) | module_present (int32[M]) || chunk_sums (float[C], device only)
+//   | module_chunk_begin (int32[M + 1]) | module_present (int32[M]) || chunk_sums (double[C], device only)
 #pragma once
 
 #include <algorithm>
@@ -51,7 +52,7 @@ TableLayout table_layout(const std::vector<int64_t>& numels, int64_t num_modules
   layout.module_chunk_begin = section((num_modules + 1) * sizeof(int32_t));
   layout.module_present = section(num_modules * sizeof(int32_t));
   layout.host_bytes = bytes;
-  layout.chunk_sums = section(layout.num_chunks * sizeof(float));
+  layout.chunk_sums = section(layout.num_chunks * sizeof(double));
   layout.device_bytes = bytes;
   return layout;
 }
@@ -100,7 +101,7 @@ ChunkTable<Entry> device_table(uint8_t* device, const TableLayout& layout) {
   table.chunk_tensor = reinterpret_cast<const int32_t*>(device + layout.chunk_tensor);
   table.module_chunk_begin = reinterpret_cast<const int32_t*>(device + layout.module_chunk_begin);
   table.module_present = reinterpret_cast<const int32_t*>(device + layout.module_present);
-  table.chunk_sums = reinterpret_cast<float*>(device + layout.chunk_sums);
+  table.chunk_sums = reinterpret_cast<double*>(device + layout.chunk_sums);
   table.blocks_done = reinterpret_cast<unsigned int*>(device + layout.blocks_done);
   table.num_chunks = static_cast<int32_t>(layout.num_chunks);
   table.num_modules = static_cast<int32_t>(layout.num_modules);

@@ -7,7 +7,7 @@ A backend is a module (or package) in this folder that defines:
   the device type, highest priority first;
 - ``unavailable_reason() -> str | None``: why it cannot run here (missing build, no triton);
 - ``supports_device(device) -> bool``;
-- ``DTYPES``: the weight/gradient dtypes it accepts;
+- ``DTYPES``: the weight/gradient dtypes it accepts (public: :func:`supports_dtype` reads it);
 - ``grad_sq_norms(...)`` and ``adamw_step_(...)`` with the signatures of ``torch_ref``.
 
 Adding a backend is adding a file here; nothing else changes. The default order, written once:
@@ -98,6 +98,28 @@ def _auto(device_type: str) -> ModuleType:
             return module
         passed_over.append(f"{module.NAME!r} ({reason or 'does not support this device'})")
     raise BackendUnavailable(f"no backend can run on device type {device_type!r}")
+
+
+def supports_dtype(name: str, dtype: torch.dtype) -> bool:
+    """Whether backend `name` takes weights and gradients of `dtype` (float32, float16 and
+    bfloat16 everywhere; float64 on 'torch' only). For a caller that wants to refuse a model at
+    construction, naming the backend, rather than at its first step."""
+    modules = _modules()
+    if name not in modules:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(modules))}")
+    return dtype in modules[name].DTYPES
+
+
+def select(name: Optional[str], device: torch.device, **dtypes: Optional[torch.dtype]) -> ModuleType:
+    """:func:`resolve`, then a TypeError naming the backend when it does not take one of the
+    given tensor dtypes (keyword: what the dtype is of, as named in the message)."""
+    module = resolve(name, device)
+    for label, dtype in dtypes.items():
+        if dtype is not None and dtype not in module.DTYPES:
+            raise TypeError(
+                f"backend {module.NAME!r} does not support {label} of dtype {dtype}; it takes "
+                f"{', '.join(map(str, module.DTYPES))} (the 'torch' backend takes float64 too)")
+    return module
 
 
 def resolve(name: Optional[str], device: torch.device) -> ModuleType:

@@ -10,8 +10,10 @@ ACCUM_RULE_CODES = {"sq": 0, "clipped_norm": 1}
 
 
 def _empty_norms(num_modules: int, device: torch.device):
-    zeros = torch.zeros(num_modules + 2, dtype=torch.float32, device=device)
-    return zeros[:num_modules], zeros[num_modules], torch.ones((), device=device), zeros[num_modules + 1]
+    """The outputs for no gradient at all: zero sums and norm (float64), coefficient 1, no flag."""
+    zeros = torch.zeros(num_modules + 1, dtype=torch.float64, device=device)
+    return (zeros[:num_modules], zeros[num_modules], torch.ones((), device=device),
+            torch.zeros((), device=device))
 
 
 def bind(module: Callable, prefix: str) -> Tuple[Callable, Callable]:
@@ -33,10 +35,8 @@ def bind(module: Callable, prefix: str) -> Tuple[Callable, Callable]:
             if sq_norms_out is not None:
                 sq_norms_out.zero_()
             return
-        if isinstance(lr, torch.Tensor):
-            lr_float, lr_tensor = 0.0, lr.to(torch.float32)
-        else:
-            lr_float, lr_tensor = float(lr), None
+        # a tensor lr goes as it is (float32 or float64): the kernels read it in its dtype
+        lr_float, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (float(lr), None)
         fn = getattr(module(), f"{prefix}_adamw_step_")
         fn(params, grads, exp_avgs, exp_avg_sqs, steps, module_ids, lr_float, lr_tensor, beta1,
            beta2, eps, weight_decay, maximize, master_params, clip_coef, found_inf, sq_norms_out)

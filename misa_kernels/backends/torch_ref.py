@@ -1,14 +1,17 @@
 """The `torch` backend: plain PyTorch, one tensor at a time. It is the ground truth.
 
 Readable rather than fast: every other backend is tested against it. It runs on any device
-and in float64 (pass float64 weights, moments and buffers), and it never reads a device value
-on the host, so it adds no synchronisation either. Module sums are formed in a fixed order,
-so results are deterministic on every device.
+and takes float64 weights with float64 moments (steps, clip_coef and found_inf stay float32,
+as on every backend). Sums of squares are formed in float64, so a finite gradient always gives
+a finite norm. It never reads a device value on the host and, once the module ids of a call
+have been seen on a device, builds no tensor from host data either (the index of the present
+modules is kept on the device, see :func:`present_index`), so it adds no synchronisation.
+Module sums are formed in a fixed order, so results are deterministic on every device.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import List, Optional, Sequence, Tuple, Union
+from collections import OrderedDict, defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -18,6 +21,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 #: added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
 CLIP_EPS = 1e-6
+#: distinct (module ids, device) index tensors kept on their devices: an active set of MISA
+#: needs a few (one per dtype group and op), and a resampling makes new ones.
+INDEX_CACHE_SIZE = 64
 
 
 def unavailable_reason() -> Optional[str]:
@@ -28,8 +34,37 @@ def supports_device(device: torch.device) -> bool:
     return True
 
 
-def _acc_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+_indices: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+#: indices used during a CUDA graph capture: a replay reads them, so they are never freed.
+_captured_indices: Dict[tuple, torch.Tensor] = {}
+
+
+def present_index(modules: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The int64 tensor of `modules` on `device`, built once per distinct (modules, device) and
+    then kept there: repeated calls copy nothing from the host. Read-only: do not modify it.
+
+    One used while a CUDA graph is captured is kept for the life of the process (a replay may
+    read it at any time); one that would have to be copied during a capture is refused: run the
+    op once before capturing."""
+    device = torch.device(device)
+    key = (tuple(modules), device)
+    index = _captured_indices.get(key)
+    if index is None:
+        index = _indices.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if index is None:
+        if capturing:
+            raise RuntimeError("misa_kernels (torch): the index of these module ids is not on the device yet, "
+                               "and it cannot be copied there during a CUDA graph capture; run the op once "
+                               "with the same module ids before capturing (a warm-up call)")
+        index = _indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+        if len(_indices) > INDEX_CACHE_SIZE:
+            _indices.popitem(last=False)
+    elif key in _indices:
+        _indices.move_to_end(key)
+    if capturing:
+        _captured_indices[key] = index
+    return index
 
 
 def _module_groups(module_ids: Sequence[int]) -> dict:
@@ -37,6 +72,24 @@ def _module_groups(module_ids: Sequence[int]) -> dict:
     for i, m in enumerate(module_ids):
         groups[m].append(i)
     return groups
+
+
+def _sq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of squared entries of `t`, formed in float64 (no overflow for any finite input)."""
+    flat = t.reshape(-1).to(torch.float64)
+    return torch.dot(flat, flat)
+
+
+def _module_sq_norms(grads: List[torch.Tensor], module_ids: List[int], num_modules: int,
+                     device: torch.device) -> Tuple[torch.Tensor, List[int]]:
+    """([num_modules] float64 per-module sums of squares, 0 where absent; sorted present modules)."""
+    sq = torch.zeros(num_modules, dtype=torch.float64, device=device)
+    groups = _module_groups(module_ids)
+    present = sorted(groups)
+    if present:
+        module_sums = [torch.stack([_sq_sum(grads[i]) for i in groups[m]]).sum() for m in present]
+        sq.index_copy_(0, present_index(present, device), torch.stack(module_sums))
+    return sq, present
 
 
 def grad_sq_norms(
@@ -50,16 +103,7 @@ def grad_sq_norms(
     accum_weight: Optional[torch.Tensor],
     accum_rule: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = _acc_dtype(grads)
-    sq = torch.zeros(num_modules, dtype=acc, device=device)
-    groups = _module_groups(module_ids)
-    present = sorted(groups)
-    if present:
-        module_sums = [
-            torch.stack([grads[i].to(acc).square().sum() for i in groups[m]]).sum() for m in present
-        ]
-        index = torch.tensor(present, dtype=torch.long, device=device)
-        sq.index_copy_(0, index, torch.stack(module_sums))
+    sq, present = _module_sq_norms(grads, module_ids, num_modules, device)
     return (sq, *finalize_norms(sq, present, max_norm, accum, accum_count, accum_weight, accum_rule))
 
 
@@ -72,20 +116,27 @@ def finalize_norms(
     accum_weight: Optional[torch.Tensor],
     accum_rule: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total_norm, clip_coef, found_inf) from per-module sums `sq`, and the accumulation into
-    accum / accum_count for the `present` modules (sorted) when the total is finite."""
+    """(total_norm, clip_coef, found_inf) from float64 per-module sums `sq`, and the accumulation
+    into accum / accum_count for the `present` modules (sorted) when the total is finite.
+
+    total_norm is float64; clip_coef and found_inf are float32 (formed in float64, rounded once).
+    No host synchronisation, and no host-to-device copy once `present` has been seen on this
+    device (:func:`present_index`)."""
+    if sq.dtype != torch.float64:
+        raise TypeError(f"per-module sums must be float64, got {sq.dtype}")
     total_sq = sq.sum()
     total_norm = total_sq.sqrt()
-    found_inf = (~torch.isfinite(total_sq)).to(sq.dtype)
-    one = torch.ones((), dtype=sq.dtype, device=sq.device)
+    non_finite = ~torch.isfinite(total_sq)
+    found_inf = non_finite.to(torch.float32)
+    one = torch.ones((), dtype=torch.float32, device=sq.device)
     if max_norm is None:
-        clip_coef = one.clone()
+        clip_coef = one
     else:
-        clip_coef = torch.clamp(max_norm / (total_norm + CLIP_EPS), max=1.0)
-        clip_coef = torch.where(found_inf != 0, one, clip_coef)
+        clip_coef = torch.clamp(max_norm / (total_norm + CLIP_EPS), max=1.0).to(torch.float32)
+        clip_coef = torch.where(non_finite, one, clip_coef)
     if present and (accum is not None or accum_count is not None):
-        keep = found_inf == 0
-        index = torch.tensor(present, dtype=torch.long, device=sq.device)
+        keep = ~non_finite
+        index = present_index(present, sq.device)
         if accum is not None:
             value = sq[index]
             if accum_rule == "clipped_norm":
@@ -117,18 +168,19 @@ def adamw_step_(
     found_inf: Optional[torch.Tensor],
     sq_norms_out: Optional[torch.Tensor],
 ) -> None:
+    """AdamW as torch.optim.AdamW computes it, in the moments' dtype (float32, or float64 for
+    float64 weights), the per-module scalars in float64."""
     device = steps.device
-    groups = _module_groups(module_ids)
-    present = sorted(groups)
     if sq_norms_out is not None:
-        acc = sq_norms_out.dtype
-        sq_norms_out.zero_()
-        for m in present:
-            sq_norms_out[m] = torch.stack([grads[i].to(acc).square().sum() for i in groups[m]]).sum()
+        sq_norms_out.copy_(_module_sq_norms(grads, module_ids, steps.numel(), device)[0])
+    present = sorted(set(module_ids))
     if not present:
         return
     skip = None if found_inf is None else found_inf.to(device) != 0
-    lr_t = torch.as_tensor(lr, dtype=torch.float64).to(device)
+    if isinstance(lr, torch.Tensor):
+        lr_t = lr.reshape(()).to(device=device, dtype=torch.float64)
+    else:  # a fill, not a copy of host data
+        lr_t = torch.full((), lr, dtype=torch.float64, device=device)
     step_all = steps.to(torch.float64) + 1
     for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         weight = param if master_params is None else master_params[i]
@@ -159,7 +211,7 @@ def adamw_step_(
         if master_params is not None:
             rounded = weight.to(param.dtype)
             param.copy_(rounded if skip is None else torch.where(skip, param, rounded))
-    index = torch.tensor(present, dtype=torch.long, device=device)
+    index = present_index(present, device)
     increment = torch.ones(len(present), dtype=steps.dtype, device=device)
     if skip is not None:
         increment = torch.where(skip, torch.zeros_like(increment), increment)

@@ -1,15 +1,18 @@
 """The `triton` backend: multi-tensor Triton kernels for float32, float16 and bfloat16 weights.
 
 Each op is one launch over every chunk of every tensor, driven by a work table of element
-offsets (``work_table.py``), then one single-program finalize launch that reduces per module
-in a fixed order; results are bitwise reproducible. ``grad_sq_norms``: 2 launches
-(``sq_norms.py``); ``adamw_step_``: 2 launches, the step advance folded into the finalize
-(``adamw.py``). Triton is imported on first use only, so ``import misa_kernels`` stays cheap.
+offsets (``work_table.py``), then one finalize launch, parallel over blocks of modules, that
+reduces per module in a fixed order; results are bitwise reproducible. ``grad_sq_norms``: 2
+launches (``sq_norms.py``); ``adamw_step_``: 2 launches, the step advance folded into the
+finalize (``adamw.py``). Sums of squares are float64 (float32 runs, redone in float64 where
+they overflow). Triton is imported on first use only, so ``import misa_kernels`` stays cheap.
 
 Devices: CUDA; or, with ``TRITON_INTERPRET=1`` set before the first use, CPU tensors through
 Triton's interpreter (slow, for tests; the interpreter copies only the tensors it is passed to
 the host, so it cannot follow the offsets into CUDA memory, and CUDA is off in that mode). The
-work table is built on the host at every call, so a call cannot be captured in a CUDA graph.
+work table of a set of tensors is built and copied to the device once, then kept there, so
+repeated calls copy nothing from the host and can be captured in a CUDA graph after one
+warm-up call (see ``work_table.py``).
 """
 from __future__ import annotations
 

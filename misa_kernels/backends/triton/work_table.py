@@ -1,34 +1,43 @@
 """The work table of a multi-tensor launch: one int64 buffer that tells every program which
-chunk of which tensor it owns, and tells the finalize program which chunks form each module.
+chunk of which tensor it owns, and tells the finalize programs which chunks form each module.
 
 Why offsets and not addresses: Triton's interpreter cannot load a pointer from memory, so each
 role (params, grads, exp_avgs, ...) is passed as one base tensor, the one with the lowest
 address, and the table holds every tensor's element offset from it (``(data_ptr - base_ptr) /
 element_size``, never negative). On a GPU the same table works unchanged.
 
-Layout (int64; float scalars are stored as their float64 bit patterns)::
+Layout (int64)::
 
-    header    [HEADER_SLOTS]             num_modules, num_present, present_at, presence_at,
-                                         then the op's float64 scalars from SCALARS_AT on
-    chunks    [num_chunks, 3]            tensor_at (where the chunk's tensor row is), start, length
-    tensors   [num_tensors, 1 + roles]   module, then one element offset per role
-    present   [num_present, 3]           module, first chunk, end chunk; modules ascending
-    presence  [num_modules]              1 where a tensor (even an empty one) belongs to the module
+    header        [HEADER_SLOTS]            num_modules, num_chunks, module_begin_at, presence_at
+    chunks        [num_chunks, 3]           tensor_at (where the chunk's tensor row is), start, length
+    tensors       [num_tensors, 1 + roles]  module, then one element offset per role
+    module_begin  [num_modules + 1]         module m owns chunks [module_begin[m], module_begin[m + 1])
+    presence      [num_modules]             1 where a tensor (even an empty one) belongs to the module
 
 Chunks are ordered by module, then by tensor, then by position, so every module owns one
 contiguous run of chunks and a per-chunk result reduces per module in a fixed order
 (deterministic, whatever order the programs ran in). Empty tensors own no chunk but still
 make their module present.
 
-The header carries the float scalars because Triton passes a Python float as float32, and lr
-and the betas are needed in float64. The table is built on the host at every call and copied
-with one non-blocking copy from pinned memory, so the host never waits for the device. Sizes
-and offsets are 64-bit; a chunk's length fits in 32 bits. Learned from PyTorch's and apex's ``multi_tensor_apply`` (a per-block
-tensor and chunk index), redone with offsets for the interpreter.
+Lifetime: a table depends only on the tensors' addresses, sizes and element sizes, the module
+ids and the chunk size, so :func:`get` builds it once per distinct such set (a resampling of
+MISA makes a new one), copies it to the device once, and keeps it there in a small cache:
+repeated calls copy nothing from the host and the kernels never read host memory. A table used
+while a CUDA graph is being captured is kept for the life of the process (the graph may be
+replayed at any time); one that would have to be built during a capture is refused with an
+error saying to run the op once before capturing. Float scalars (lr, betas, max_norm) are not
+in the table: they are kernel arguments, passed as the int64 bit patterns of their float64
+values (Triton would round a Python float to float32).
+
+Sizes and offsets are 64-bit; a chunk's length fits in 32 bits. Learned from PyTorch's and
+apex's ``multi_tensor_apply`` (a per-block tensor and chunk index), redone with offsets for the
+interpreter.
 """
 from __future__ import annotations
 
 import contextlib
+import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -37,28 +46,32 @@ import triton
 import triton.language as tl
 
 #: header length; also keeps the chunk rows 16-byte aligned.
-HEADER_SLOTS = 16
-NUM_MODULES_SLOT, NUM_PRESENT_SLOT, PRESENT_AT_SLOT, PRESENCE_AT_SLOT = 0, 1, 2, 3
-SCALARS_AT = 4
+HEADER_SLOTS = 4
+NUM_MODULES_SLOT, NUM_CHUNKS_SLOT, MODULE_BEGIN_AT_SLOT, PRESENCE_AT_SLOT = range(HEADER_SLOTS)
 #: widest vector load the alignment hint promises (16 bytes, as PyTorch's multi_tensor_apply).
 VECTOR_BYTES = 16
+#: distinct tables kept on their devices (an active set of MISA needs one per op and dtype group).
+CACHE_SIZE = 32
 
 # the same constants for the kernels (a @triton.jit function reads only constexpr globals)
 _HEADER_SLOTS = tl.constexpr(HEADER_SLOTS)
 _NUM_MODULES_SLOT = tl.constexpr(NUM_MODULES_SLOT)
-_NUM_PRESENT_SLOT = tl.constexpr(NUM_PRESENT_SLOT)
-_PRESENT_AT_SLOT = tl.constexpr(PRESENT_AT_SLOT)
+_NUM_CHUNKS_SLOT = tl.constexpr(NUM_CHUNKS_SLOT)
+_MODULE_BEGIN_AT_SLOT = tl.constexpr(MODULE_BEGIN_AT_SLOT)
 _PRESENCE_AT_SLOT = tl.constexpr(PRESENCE_AT_SLOT)
 _VECTOR_BITS = tl.constexpr(8 * VECTOR_BYTES)
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Per-device sizes: elements per chunk (one program each), per loop step, warps."""
+    """Per-device sizes: elements per chunk (one program each), per loop step, warps; and the
+    finalize programs' modules per program and chunks per loop step."""
 
     chunk_size: int
     block: int
     num_warps: int
+    module_block: int = 64
+    run_block: int = 16
 
 
 #: GPU (not yet tuned on one): 16K-element chunks, so that a step of a few million elements
@@ -66,8 +79,8 @@ class LaunchConfig:
 GPU_CONFIG = LaunchConfig(chunk_size=16384, block=1024, num_warps=4)
 #: Interpreter: every program costs milliseconds of Python, so fewer, larger chunks and steps.
 INTERPRETER_CONFIG = LaunchConfig(chunk_size=65536, block=8192, num_warps=1)
-#: elements per loop step of the one-program finalize kernels.
-FINALIZE_BLOCK = 1024
+#: elements per loop step when a finalize program sums all chunk partials (the total norm).
+TOTAL_BLOCK = 1024
 
 
 def launch_config(device: torch.device, chunk_size: Optional[int] = None) -> LaunchConfig:
@@ -79,7 +92,7 @@ def launch_config(device: torch.device, chunk_size: Optional[int] = None) -> Lau
     if chunk_size <= 0 or chunk_size % 16:
         raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk_size}")
     block = min(config.block, 1 << (chunk_size.bit_length() - 1))
-    return LaunchConfig(chunk_size, block, config.num_warps)
+    return LaunchConfig(chunk_size, block, config.num_warps, config.module_block, config.run_block)
 
 
 def device_guard(device: torch.device):
@@ -87,19 +100,36 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def float_bits(value: float) -> int:
+    """The bit pattern of `value` as a float64, as a signed int64: a kernel argument that
+    carries a float64 exactly (the kernel reads it back with :func:`arg_float64`)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def finalize_programs(num_modules: int, config: LaunchConfig) -> int:
+    """Programs of a finalize launch: one per `module_block` modules, at least one (it also
+    writes the outputs that do not depend on any module)."""
+    return max(1, triton.cdiv(num_modules, config.module_block))
+
+
 @dataclass(frozen=True)
 class WorkTable:
-    """A built table on the op's device, with the base tensor of each role (None when the role
-    has no element at all) and whether every offset is a whole number of 16-byte vectors."""
+    """A built table on the op's device; for each role the index of its base tensor (the
+    lowest address; None when the role has no element at all), and whether every offset is a
+    whole number of 16-byte vectors."""
 
     table: torch.Tensor
-    bases: Tuple[Optional[torch.Tensor], ...]
+    base_index: Tuple[Optional[int], ...]
     num_chunks: int
     aligned: bool
 
+    def bases(self, roles: Sequence[Sequence[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+        """The base tensor of each role, taken from the call's own lists."""
+        return [None if i is None else tensors[i] for i, tensors in zip(self.base_index, roles)]
 
-def _role_offsets(name: str, tensors: Sequence[torch.Tensor]) -> Tuple[Optional[torch.Tensor], List[int], bool]:
-    """(base tensor, element offset of each tensor from it, all offsets vector-aligned)."""
+
+def _role_offsets(name: str, tensors: Sequence[torch.Tensor]) -> Tuple[Optional[int], List[int], bool]:
+    """(index of the base tensor, element offset of each tensor from it, all offsets vector-aligned)."""
     live = [i for i, t in enumerate(tensors) if t.numel() > 0]
     if not live:
         return None, [0] * len(tensors), True
@@ -115,11 +145,7 @@ def _role_offsets(name: str, tensors: Sequence[torch.Tensor]) -> Tuple[Optional[
                 f"{size}-byte elements; the triton backend needs tensors aligned to their element size")
         offsets[i] = delta // size
     vector = max(1, VECTOR_BYTES // size)
-    return tensors[base_index], offsets, all(o % vector == 0 for o in offsets)
-
-
-def _float_bits(values: Sequence[float]) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=torch.float64).view(torch.int64)
+    return base_index, offsets, all(o % vector == 0 for o in offsets)
 
 
 def build(
@@ -128,16 +154,13 @@ def build(
     num_modules: int,
     device: torch.device,
     chunk_size: int,
-    scalars: Sequence[float] = (),
 ) -> WorkTable:
     """Builds the table for tensors given per role (same numel at each index) and copies it to
-    `device` without waiting. `scalars` go to the header as float64, from SCALARS_AT on."""
-    if SCALARS_AT + len(scalars) > HEADER_SLOTS:
-        raise ValueError(f"at most {HEADER_SLOTS - SCALARS_AT} header scalars, got {len(scalars)}")
-    bases, offsets, aligned = [], [], True
+    `device` without waiting (from pinned memory on CUDA). Uncached: see :func:`get`."""
+    base_index, offsets, aligned = [], [], True
     for name, tensors in roles.items():
         base, role_offsets, role_aligned = _role_offsets(name, tensors)
-        bases.append(base)
+        base_index.append(base)
         offsets.append(role_offsets)
         aligned = aligned and role_aligned
     first_role = next(iter(roles.values()))
@@ -155,37 +178,90 @@ def build(
     start = (torch.arange(num_chunks, dtype=torch.int64) - first_chunk) * chunk_size
     length = torch.clamp(numel[tensor_of_chunk] - start, max=chunk_size)
 
-    # each module's run of chunks, for the modules that have a tensor
-    present = torch.unique(modules)
+    # each module's run of chunks (empty for a module without a tensor or without elements)
     chunks_per_module = torch.zeros(num_modules, dtype=torch.int64).index_add_(0, modules, chunks_per_tensor)
-    chunk_end = torch.cumsum(chunks_per_module, 0)
     presence = torch.zeros(num_modules, dtype=torch.int64)
-    presence[present] = 1
+    presence[modules] = 1
 
     row_width = 1 + len(roles)
     chunks_at = HEADER_SLOTS
     tensors_at = chunks_at + 3 * num_chunks
-    present_at = tensors_at + row_width * num_tensors
-    presence_at = present_at + 3 * len(present)
+    module_begin_at = tensors_at + row_width * num_tensors
+    presence_at = module_begin_at + num_modules + 1
     host = torch.empty(presence_at + num_modules, dtype=torch.int64, pin_memory=device.type == "cuda")
-    header = host[:HEADER_SLOTS]
-    header.zero_()
-    header[:SCALARS_AT] = torch.tensor([num_modules, len(present), present_at, presence_at])
-    header[SCALARS_AT:SCALARS_AT + len(scalars)] = _float_bits(scalars)
+    host[:HEADER_SLOTS] = torch.tensor([num_modules, num_chunks, module_begin_at, presence_at])
     host[chunks_at:tensors_at].view(num_chunks, 3).copy_(
         torch.stack([tensors_at + row_width * tensor_of_chunk, start, length], 1))
-    tensor_rows = host[tensors_at:present_at].view(num_tensors, row_width)
+    tensor_rows = host[tensors_at:module_begin_at].view(num_tensors, row_width)
     tensor_rows[:, 0] = modules
     if num_tensors:
         tensor_rows[:, 1:] = torch.tensor(offsets, dtype=torch.int64).T
-    host[present_at:presence_at].view(-1, 3).copy_(
-        torch.stack([present, chunk_end[present] - chunks_per_module[present], chunk_end[present]], 1))
+    host[module_begin_at] = 0
+    host[module_begin_at + 1:presence_at] = torch.cumsum(chunks_per_module, 0)
     host[presence_at:] = presence
     table = host if device.type == "cpu" else host.to(device, non_blocking=True)
-    return WorkTable(table, tuple(bases), num_chunks, aligned)
+    return WorkTable(table, tuple(base_index), num_chunks, aligned)
+
+
+_cache: "OrderedDict[tuple, WorkTable]" = OrderedDict()
+#: tables used during a CUDA graph capture: a replay reads them, so they are never freed.
+_captured: Dict[tuple, WorkTable] = {}
+
+
+def _key(roles, module_ids, num_modules, device, chunk_size) -> tuple:
+    tensors = next(iter(roles.values()))
+    return (device, chunk_size, num_modules, tuple(module_ids), tuple(map(torch.Tensor.numel, tensors)),
+            tuple((tuple(map(torch.Tensor.data_ptr, ts)), ts[0].element_size() if ts else 0)
+                  for ts in roles.values()))
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def get(
+    roles: Dict[str, Sequence[torch.Tensor]],
+    module_ids: Sequence[int],
+    num_modules: int,
+    device: torch.device,
+    chunk_size: int,
+) -> WorkTable:
+    """The table of :func:`build`, built and copied once per distinct set of tensors (addresses,
+    sizes, dtypes), module ids and chunk size, then served from the device (see the module
+    docstring for its lifetime under CUDA graphs)."""
+    key = _key(roles, module_ids, num_modules, device, chunk_size)
+    work = _captured.get(key) or _cache.get(key)
+    capturing = _capturing(device)
+    if work is None:
+        if capturing:
+            raise RuntimeError(
+                "misa_kernels (triton): this set of tensors has no work table yet, and one cannot be "
+                "copied to the device during a CUDA graph capture (a replay would read freed host "
+                "memory). Run the op once with the same tensors before capturing (a warm-up call).")
+        work = build(roles, module_ids, num_modules, device, chunk_size)
+        _cache[key] = work
+        if len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    elif key in _cache:
+        _cache.move_to_end(key)
+    if capturing:
+        _captured[key] = work
+    return work
+
+
+def cached_tables() -> int:
+    """How many tables the cache holds (for tests)."""
+    return len(_cache)
 
 
 # ------------------------------------------------------------------------------- device side
+
+
+@triton.jit
+def arg_float64(bits):
+    """The float64 whose bit pattern an int argument carries (see :func:`float_bits`); the
+    argument is int32 when the pattern fits, hence the widening first."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -206,35 +282,38 @@ def chunk_pointer(base, table, tensor_at, start, ROLE: tl.constexpr, ALIGNED: tl
 
 
 @triton.jit
-def header_counts(table):
-    """(num_modules, num_present)."""
-    return tl.load(table + _NUM_MODULES_SLOT), tl.load(table + _NUM_PRESENT_SLOT)
-
-
-@triton.jit
-def header_scalar(table, SLOT: tl.constexpr):
-    """The float64 scalar in header slot SLOT (its bit pattern in an int64 slot)."""
-    return tl.load(table + SLOT).to(tl.float64, bitcast=True)
-
-
-@triton.jit
-def present_module_sum(table, partials, i, BLOCK: tl.constexpr):
-    """(module, sum of its run of chunk partials) for the i-th present module; the sum is
-    formed in a fixed order (a [BLOCK] accumulator over the run, then one tree sum)."""
-    row = tl.load(table + _PRESENT_AT_SLOT) + 3 * i
-    first = tl.load(table + row + 1)
-    end = tl.load(table + row + 2)
-    acc = tl.zeros([BLOCK], partials.dtype.element_ty)
-    for block_start in range(first, end, BLOCK):
-        index = block_start + tl.arange(0, BLOCK)
-        acc += tl.load(partials + index, mask=index < end, other=0.0)
-    return tl.load(table + row), tl.sum(acc, axis=0)
-
-
-@triton.jit
-def presence_block(table, first, num_modules, BLOCK: tl.constexpr):
-    """(module indices, in range, present) for modules [first, first + BLOCK)."""
-    modules = first + tl.arange(0, BLOCK)
+def module_block(table, MODULE_BLOCK: tl.constexpr):
+    """The modules of this finalize program: (indices, in range, present, first chunk, end chunk)."""
+    num_modules = tl.load(table + _NUM_MODULES_SLOT)
+    modules = tl.program_id(0).to(tl.int64) * MODULE_BLOCK + tl.arange(0, MODULE_BLOCK)
     in_range = modules < num_modules
-    flags = tl.load(table + tl.load(table + _PRESENCE_AT_SLOT) + modules, mask=in_range, other=0)
-    return modules, in_range, flags != 0
+    begin_at = tl.load(table + _MODULE_BEGIN_AT_SLOT)
+    first = tl.load(table + begin_at + modules, mask=in_range, other=0)
+    end = tl.load(table + begin_at + modules + 1, mask=in_range, other=0)
+    present = tl.load(table + tl.load(table + _PRESENCE_AT_SLOT) + modules, mask=in_range, other=0) != 0
+    return modules, in_range, present, first, end
+
+
+@triton.jit
+def module_sums(partials, first, end, MODULE_BLOCK: tl.constexpr, RUN_BLOCK: tl.constexpr):
+    """[MODULE_BLOCK] sums of the chunk partials of each module's run [first, end), each in a
+    fixed order (a [RUN_BLOCK] accumulator per module stepping along its run, then a tree sum);
+    0 for an empty run."""
+    acc = tl.zeros([MODULE_BLOCK, RUN_BLOCK], partials.dtype.element_ty)
+    steps = tl.arange(0, RUN_BLOCK)
+    longest = tl.max(end - first, axis=0)
+    for k in range(0, longest, RUN_BLOCK):
+        index = first[:, None] + k + steps[None, :]
+        acc += tl.load(partials + index, mask=index < end[:, None], other=0.0)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def all_chunks_sum(table, partials, BLOCK: tl.constexpr):
+    """Sum of every chunk partial, in a fixed order (the same in every program that runs it)."""
+    num_chunks = tl.load(table + _NUM_CHUNKS_SLOT)
+    acc = tl.zeros([BLOCK], partials.dtype.element_ty)
+    for start in range(0, num_chunks, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        acc += tl.load(partials + index, mask=index < num_chunks, other=0.0)
+    return tl.sum(acc, axis=0)
