@@ -123,21 +123,46 @@ def test_the_trainers_own_optimizer_misses_modules_unfrozen_later(tmp_path):
     assert not any(n.startswith("model.layers.1.") for n in changed)
 
 
-def test_logs_carry_active_modules_and_probabilities(misa_run):
+def test_logs_carry_a_few_numbers_with_distinct_names(misa_run):
     trainer = misa_run[0]
     records = [r for r in trainer.state.log_history if "loss" in r]
     assert len(records) == 4
     opt = misa.hf.unwrap(trainer.optimizer)
     for record in records:
-        names = record["misa/active"].split(",")
-        assert record["misa/active_modules"] == len(names) > 0
-        assert set(names) <= {m.name for m in opt.partition.modules}
-        probs = [v for k, v in record.items() if k.startswith("misa/prob/")]
-        assert len(probs) == len(opt.partition.modules) and sum(probs) == pytest.approx(1.0)
-        assert record["misa/grad_norm"] == pytest.approx(record["grad_norm"], rel=1e-5)
-    last = records[-1]
-    assert last["misa/active"] == ",".join(opt.active_modules)
-    assert [last[f"misa/prob/{n}"] for n in opt.importance()] == list(opt.importance().values())
+        ours = {k: v for k, v in record.items() if k.startswith("misa/")}
+        assert set(ours) == {"misa/active_modules", "misa/active_params", "misa/coverage",
+                             "misa/grad_norm_unclipped", "misa/grad_norm_clipped"}
+        assert all(isinstance(v, (int, float)) for v in ours.values())  # no strings: trackers drop them
+        assert 0 < record["misa/active_modules"] <= len(opt.partition.modules)
+        assert 0 < record["misa/coverage"] <= 1
+        # the Trainer logs the norm before its clipping (threshold 1.0), MISA what it received after it
+        assert record["misa/grad_norm_unclipped"] == pytest.approx(min(record["grad_norm"], 1.0), rel=1e-4)
+        assert record["misa/grad_norm_clipped"] == pytest.approx(record["misa/grad_norm_unclipped"])
+    assert records[-1]["misa/coverage"] == pytest.approx(opt.coverage().fraction)
+    assert records[-1]["misa/coverage"] > records[0]["misa/coverage"]
+
+
+def test_per_module_probabilities_only_on_request(tmp_path):
+    model = _model()
+    args = _args(tmp_path, max_steps=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                                   optimizers=misa.hf.optimizers(model, args, **MISA_OPTIONS),
+                                   callbacks=[misa.hf.MISACallback(log_importance=True)])
+    trainer.train()
+    record = next(r for r in trainer.state.log_history if "loss" in r)
+    opt = misa.hf.unwrap(trainer.optimizer)
+    probs = {k[len("misa/prob/"):]: v for k, v in record.items() if k.startswith("misa/prob/")}
+    assert probs == opt.importance() and sum(probs.values()) == pytest.approx(1.0)
+
+
+def test_optimizers_use_the_trainers_weight_decay_grouping(tmp_path):
+    model = _model()
+    opt, _ = misa.hf.optimizers(model, _args(tmp_path, weight_decay=0.1), **MISA_OPTIONS)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert decayed == set(transformers.Trainer.get_decay_parameter_names(None, model))
+    assert not any("norm" in n for n in decayed)
 
 
 def test_resume_from_a_trainer_checkpoint_continues_exactly(tmp_path):
