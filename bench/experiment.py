@@ -8,7 +8,8 @@ RMSNorm, rotary) on byte-level tokens:
   eta 500, embedding and head trained).
 - finetune: the AdamW model of the pretrain scenario (saved as pretrained.pt) fine-tuned on a
   different text, the English help topics of pydoc_data (held out by topic). MISA with the
-  paper's defaults (delta 3%, eta 1, T 50, embedding and head frozen).
+  paper's fine-tuning setting (delta 3%, embedding and head frozen) and the package's default
+  importance rule and temperature.
 
 In both, at equal optimizer memory: "misa~lisa" is MISA with LISA's active set (one block's
 worth of modules + embedding, head and norms), "misa~badam" MISA with BAdam's (one block's
@@ -17,24 +18,29 @@ worth of modules, the rest frozen). LoRA runs through peft when it is installed.
     python bench/experiment.py                       # --preset cpu: under 10 minutes on 2 cores
     python bench/experiment.py --preset gpu-small    # a CUDA device; --preset gpu: the paper's 350M shape
     python bench/experiment.py --data my.txt --finetune-data other.txt --seeds 3
+    python bench/experiment.py --ablation importance --seeds 3   # the headline MISA under each importance rule
 
 Writes into --out (default bench/out/experiment): curves.csv (every step's training loss and
 every evaluation's held-out loss), summary.csv and summary.md (one row per run: held-out loss,
 its gap to AdamW, tokens/s, the optimizer memory measured at its peak beside misa.memory's
 estimate), pretrain.png and finetune.png (loss curves; held-out loss against optimizer memory),
-and pretrained.pt. Prints the summary table at the end.
+selection_vs_score-<scenario>.png (each MISA-sampled module's final importance score against the
+fraction of steps it was active) and pretrained.pt; with --ablation NAME also ablation-NAME.md and
+ablation-NAME.csv (final held-out loss per variant, its paired difference to the reference
+variant, and the extreme sampling probabilities reached). Prints the summary table at the end.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -82,10 +88,11 @@ def _llama(hidden, layers, heads, seq_len):
 
 
 PRESETS: Dict[str, Preset] = {
-    # seconds: an end-to-end check of the whole pipeline (the tests run it)
+    # seconds: an end-to-end check of the whole pipeline (the tests run it). One thread: a second
+    # one only spin-waits at this size, and stalls when other jobs share the cores.
     "smoke": Preset(_llama(32, 2, 2, 32), seq_len=32, batch=4, pretrain_steps=12, finetune_steps=8, interval=4,
                     eval_every=6, eval_batches=2, pretrain_lr=3e-3, finetune_lr=1e-3, warmup=2, lora_rank=4,
-                    lora_lr_scale=3.0, dtype=torch.float32, device="cpu"),
+                    lora_lr_scale=3.0, dtype=torch.float32, device="cpu", threads=1),
     # under 10 minutes for every method and both scenarios on 2 CPU cores. One thread: at these
     # sizes a second one gains little and spin-waits when other jobs share the cores.
     "cpu": Preset(_llama(128, 8, 4, 64), seq_len=64, batch=8, pretrain_steps=300, finetune_steps=150,
@@ -123,11 +130,13 @@ def scenario_methods(scenario: str, preset: Preset) -> List[Method]:
         style = dict(eta=500.0, importance="released")
         headline = Method("misa-25%", "misa", "delta 25%, eta 500, embedding + head trained (pre-training setting)",
                           dict(delta=0.25, non_block="embed_head", **style), dict(delta=0.25, non_block="embed_head"))
-    else:  # the paper's fine-tuning defaults, delta raised where a module of a small model exceeds 3%
-        style = dict(eta=1.0, importance="paper")
+    else:  # the paper's fine-tuning setting, delta raised where a module of a small model exceeds 3%
+        style = {}  # the package's default importance rule and temperature
         delta = max(0.03, float(misa.samplers.smallest_delta(max(m.numel for m in part.modules), part.total_params)))
         raised = "" if delta == 0.03 else f" (3% raised to {delta:.2%}: the largest module must fit)"
-        headline = Method("misa-3%", "misa", f"delta 3%{raised}, eta 1, embedding + head frozen (paper defaults)",
+        defaults = inspect.signature(misa.MISA).parameters
+        rule = f"importance {defaults['importance'].default!r}, eta {defaults['eta'].default:g} (package defaults)"
+        headline = Method("misa-3%", "misa", f"delta 3%{raised}, {rule}, embedding + head frozen",
                           dict(delta=delta, **style), dict(delta=delta))
     return [
         Method("adamw", "adamw", "every parameter", dict(sampler="full")),
@@ -152,6 +161,35 @@ def _override(method: Method, options: dict) -> Method:
     return replace(method, note=note, options={**method.options, **options})
 
 
+#: The headline MISA method of each scenario: the one an ablation varies.
+HEADLINES = {"pretrain": "misa-25%", "finetune": "misa-3%"}
+
+#: --ablation NAME: (label, MISA options) of each variant; the first is the reference the others
+#: are compared with. Every variant keeps the headline's delta, interval and steps.
+ABLATIONS: Dict[str, List[tuple]] = {
+    "importance": [
+        ("uniform", dict(importance="relative", eta=0.0)),  # eta=0: every rule draws uniformly
+        ("paper-1", dict(importance="paper", eta=1.0)),
+        ("released-1", dict(importance="released", eta=1.0)),
+        ("released-500", dict(importance="released", eta=500.0)),  # the release's pre-training eta
+        # the top module's score is 20-50 times the mean on the cpu preset, so eta >= 0.3 already
+        # draws it with probability ~1: the temperatures span gentle to saturated steering
+        ("relative-0.03", dict(importance="relative", eta=0.03)),
+        ("relative-0.1", dict(importance="relative", eta=0.1)),
+        ("relative-0.3", dict(importance="relative", eta=0.3)),
+        ("relative-1", dict(importance="relative", eta=1.0)),
+    ],
+}
+
+
+def ablation_methods(scenario: str, methods: List[Method], ablation: str) -> List[Method]:
+    """The headline MISA method of `scenario` (taken from `methods`, overrides included) once per
+    variant of `ablation`, named headline/label."""
+    headline = next(m for m in methods if m.name == HEADLINES[scenario])
+    return [replace(_override(headline, options), name=f"{headline.name}/{label}")
+            for label, options in ABLATIONS[ablation]]
+
+
 @dataclass
 class Run:
     """What one training run measured."""
@@ -166,7 +204,12 @@ class Run:
     trained_params: int  # parameters holding a gradient at that moment
     seconds: float
     backend: str
-    active_share: Dict[str, float]  # module kind -> fraction of steps its modules were active (MISA)
+    # MISA-sampled runs only: module name -> (final importance score over the mean score of the
+    # scored modules, fraction of the steps it was active)
+    selection: Dict[str, Tuple[float, float]]
+    # MISA-sampled runs only: the largest and smallest sampling probability of any module after
+    # any resampling, and the number of modules (uniform sampling: 1 / modules)
+    probability_range: Optional[Tuple[float, float, int]]
 
 
 # ---------------------------------------------------------------------------- training
@@ -225,7 +268,9 @@ def train(scenario: str, method: Method, model: torch.nn.Module, corpus: data.Co
         optimizer.register_switch_hook(measure_peak, before=True)
     sampled = isinstance(optimizer, misa.MISA) and optimizer.partition.granularity == "module" \
         and optimizer.sampler.uses_budget
-    active_steps: Dict[str, int] = {}
+    extremes: List[tuple] = []  # (max, min) sampling probability after each resampling
+    if sampled:
+        optimizer.register_switch_hook(lambda opt: extremes.append(_max_min(opt.importance().values())))
     start = time.perf_counter()
     progress = tqdm(range(1, steps + 1), desc=f"{scenario} {method.name} seed {seed}", leave=False, dynamic_ncols=True,
                     disable=None)  # bars on a terminal only
@@ -247,24 +292,34 @@ def train(scenario: str, method: Method, model: torch.nn.Module, corpus: data.Co
         _sync(preset.device)
         train_seconds += time.perf_counter() - t0
         losses.append(loss.item())
-        if sampled:
-            for name in optimizer.active_modules:
-                kind = name.rsplit(".", 1)[-1]
-                active_steps[kind] = active_steps.get(kind, 0) + 1
         if step % preset.eval_every == 0 or step == steps:
             heldout.append((step, evaluate(model, heldout_batches, preset.device)))
             progress.set_postfix(train=f"{losses[-1]:.3f}", heldout=f"{heldout[-1][1]:.3f}")
     tokens = steps * preset.batch * preset.seq_len
-    share = {}
+    selection, probability_range = {}, None
     if sampled:
-        per_kind: Dict[str, int] = {}
-        for module in optimizer.partition.modules:
-            kind = module.name.rsplit(".", 1)[-1]
-            per_kind[kind] = per_kind.get(kind, 0) + 1
-        share = {kind: active_steps.get(kind, 0) / (count * steps) for kind, count in per_kind.items()}
+        selection = _selection(optimizer, steps)
+        if extremes:
+            probability_range = (max(e[0] for e in extremes), min(e[1] for e in extremes), len(selection))
     run = Run(scenario, method, seed, losses, heldout, tokens / train_seconds, peak.optimizer, peak.trained_params,
-              time.perf_counter() - start, getattr(optimizer, "backend", "torch.optim.AdamW"), share)
+              time.perf_counter() - start, getattr(optimizer, "backend", "torch.optim.AdamW"), selection,
+              probability_range)
     return run, model
+
+
+def _max_min(values) -> tuple:
+    values = list(values)
+    return max(values), min(values)
+
+
+def _selection(optimizer: "misa.MISA", steps: int) -> Dict[str, Tuple[float, float]]:
+    """Module name -> (final importance score over the mean of the positive scores, fraction of
+    the `steps` it was active)."""
+    scores = optimizer.sampler.scores.detach().to("cpu", torch.float64)
+    scored = scores[scores > 0]
+    relative = scores / scored.mean() if scored.numel() else scores
+    active_steps = optimizer.coverage().steps
+    return {m.name: (float(r), active_steps[m.name] / steps) for m, r in zip(optimizer.partition.modules, relative)}
 
 
 def _sync(device: str) -> None:
@@ -303,7 +358,7 @@ def summary_rows(runs: List[Run], preset: Preset) -> List[Dict]:
             "optimizer MB": f"{max(r.optimizer_bytes for r in rs) / MB:.2f}",
             "estimate MB": f"{est.optimizer / MB:.2f}",
             "held-out start": f"{rs[0].heldout[0][1]:.3f}",
-            "held-out": f"{mean:.3f}" + (f" ± {statistics.stdev(final):.3f}" if len(rs) > 1 else ""),
+            "held-out": report.mean_std(final),
             "vs adamw": f"{mean / adamw[scenario] - 1:+.1%}" if scenario in adamw else "",
             "train (last 10%)": f"{statistics.fmean(tail(r) for r in rs):.3f}",
             "tokens/s": f"{statistics.fmean(r.tokens_per_s for r in rs):.0f}",
@@ -339,6 +394,60 @@ def goal_lines(rows: List[Dict]) -> List[str]:
         lines.append(f"pretrain: misa-25% held-out {a:.3f} vs adamw {b:.3f}: {a / b - 1:+.1%} "
                      f"({'within' if a / b - 1 <= 0.05 else 'NOT within'} 5%)")
     return lines
+
+
+def ablation_rows(runs: List[Run], ablation: str) -> List[Dict]:
+    """One row per (scenario, variant) of `ablation`: the final held-out loss over seeds; its
+    difference to the reference variant's (the first), paired by seed (same initial model and
+    data order); the largest and smallest sampling probability any module reached in any seed, in
+    units of uniform (1 / modules); the largest and smallest fraction of steps a module was
+    active (means over seeds)."""
+    labels = [label for label, _ in ABLATIONS[ablation]]
+    groups: Dict[tuple, List[Run]] = {}
+    for run in runs:
+        label = run.method.name.partition("/")[2]
+        if label in labels:
+            groups.setdefault((run.scenario, label), []).append(run)
+    rows = []
+    for (scenario, label), rs in groups.items():
+        final = {r.seed: r.heldout[-1][1] for r in rs}
+        reference = {r.seed: r.heldout[-1][1] for r in groups.get((scenario, labels[0]), [])}
+        paired = [final[seed] - reference[seed] for seed in final if seed in reference]
+        ranges = [r.probability_range for r in rs if r.probability_range]
+        modules = list(rs[0].selection)
+        shares = [statistics.fmean(r.selection[m][1] for r in rs) for m in modules]
+        rows.append({
+            "scenario": scenario, "variant": label, "importance": rs[0].method.options.get("importance", ""),
+            "eta": rs[0].method.options.get("eta", ""), "seeds": len(rs),
+            "heldout_mean": statistics.fmean(final.values()),
+            "heldout_std": statistics.stdev(final.values()) if len(final) > 1 else "",
+            "vs_reference_mean": statistics.fmean(paired) if paired else "",
+            "vs_reference_std": statistics.stdev(paired) if len(paired) > 1 else "",
+            "max_p_over_uniform": max(r[0] * r[2] for r in ranges) if ranges else "",
+            "min_p_over_uniform": min(r[1] * r[2] for r in ranges) if ranges else "",
+            "max_active_share": max(shares) if shares else "",
+            "min_active_share": min(shares) if shares else "",
+            "modules": len(modules),
+        })
+    return rows
+
+
+def ablation_table(rows: List[Dict], reference: str) -> str:
+    """`ablation_rows` as a Markdown table."""
+    def pm(mean, std, digits=3, sign=""):
+        return "" if mean == "" else f"{mean:{sign}.{digits}f}" + ("" if std == "" else f" ± {std:.{digits}f}")
+
+    def number(value, spec):
+        return "" if value == "" else format(value, spec)
+
+    cells = [{"scenario": r["scenario"], "variant": r["variant"], "rule": r["importance"], "eta": r["eta"],
+              "seeds": r["seeds"], "held-out": pm(r["heldout_mean"], r["heldout_std"]),
+              f"vs {reference} (paired)": pm(r["vs_reference_mean"], r["vs_reference_std"], sign="+"),
+              "max p / uniform": number(r["max_p_over_uniform"], ".3g"),
+              "min p / uniform": number(r["min_p_over_uniform"], ".3g"),
+              "active share max / min": f"{number(r['max_active_share'], '.2f')} / "
+                                        f"{number(r['min_active_share'], '.2f')}"} for r in rows]
+    return report.markdown_table(cells, list(cells[0]) if cells else [])
 
 
 def curve_rows(runs: List[Run], preset: Preset) -> List[Dict]:
@@ -394,6 +503,45 @@ def plot(runs: List[Run], rows: List[Dict], scenario: str, path: Path, title: st
     plt.close(fig)
 
 
+def plot_selection(runs: List[Run], scenario: str, path: Path, title: str) -> bool:
+    """One panel per MISA-sampled method of `scenario`, one point per module: its final importance
+    score over the mean score (x) against the fraction of steps it was active (y), both means over
+    seeds, coloured by module kind. Uniform sampling puts every module near the dotted mean.
+    False (and no file) when no run of the scenario was MISA-sampled."""
+    names = list(dict.fromkeys(r.method.name for r in runs if r.scenario == scenario and r.selection))
+    if not names:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(names))
+    rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        rs = [r for r in runs if r.scenario == scenario and r.method.name == name]
+        modules = list(rs[0].selection)
+        kinds = list(dict.fromkeys(m.rsplit(".", 1)[-1] for m in modules))
+        for index, kind in enumerate(kinds):
+            of_kind = [m for m in modules if m.rsplit(".", 1)[-1] == kind]
+            x = [statistics.fmean(r.selection[m][0] for r in rs) for m in of_kind]
+            y = [statistics.fmean(r.selection[m][1] for r in rs) for m in of_kind]
+            ax.scatter(x, y, s=14, color=f"C{index}", label=kind.removesuffix("_proj"))
+        ax.axhline(statistics.fmean(statistics.fmean(r.selection[m][1] for r in rs) for m in modules),
+                   color="gray", linestyle=":", linewidth=1)
+        ax.set(title=f"{name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})", xlabel="final score / mean score",
+               ylabel="fraction of steps active")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -423,6 +571,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--misa", action="append", default=[], metavar="KEY=VALUE",
                         help="override an option of every MISA-sampled method, e.g. --misa importance=paper "
                              "--misa eta=1 --misa interval=10 (repeatable; values are Python literals)")
+    parser.add_argument("--ablation", choices=list(ABLATIONS),
+                        help="instead of the methods, run each scenario's headline MISA method (with the --misa "
+                             "overrides) once per variant: 'importance': uniform, the paper's and the released "
+                             "rule, the relative rule at several temperatures; writes ablation-NAME.md/.csv")
     args = parser.parse_args(argv)
     args.misa = dict(_parse_override(parser, item) for item in args.misa)
     for flag in ("seeds", "steps", "finetune_steps", "threads"):
@@ -447,7 +599,11 @@ def main(argv=None) -> List[Dict]:
         raise SystemExit(f"preset {args.preset!r} needs a CUDA device and none is available; use --preset cpu")
     scenarios = list(SCENARIOS) if args.scenario == "both" else [args.scenario]
     plans = {s: scenario_methods(s, preset) for s in scenarios}
-    if not _has_peft():
+    if args.misa:
+        plans = {s: [_override(m, args.misa) for m in ms] for s, ms in plans.items()}
+    if args.ablation:
+        plans = {s: ablation_methods(s, ms, args.ablation) for s, ms in plans.items()}
+    if any(m.family == "lora" for ms in plans.values() for m in ms) and not _has_peft():
         print("peft is not installed: the LoRA runs are left out (pip install peft)")
         plans = {s: [m for m in ms if m.family != "lora"] for s, ms in plans.items()}
     if args.methods:
@@ -457,8 +613,6 @@ def main(argv=None) -> List[Dict]:
         if unknown:
             raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
         plans = {s: [m for m in ms if m.name in wanted] for s, ms in plans.items()}
-    if args.misa:
-        plans = {s: [_override(m, args.misa) for m in ms] for s, ms in plans.items()}
 
     corpora = {"pretrain": data.file_corpus(args.data) if args.data else data.stdlib_corpus()}
     if "finetune" in scenarios:
@@ -501,32 +655,54 @@ def main(argv=None) -> List[Dict]:
     report.write_csv(args.out / "summary.csv", rows)
     lines = header + [f"training and evaluation, all runs: {time.perf_counter() - started:.0f} s wall, "
                       f"{time.process_time() - cpu_started:.0f} s CPU (this process)", ""]
+    written = ["summary.md", "summary.csv", "curves.csv"]
     for scenario in scenarios:
         picked = [r for r in rows if r["scenario"] == scenario]
         if not picked:
             continue
-        png = args.out / f"{scenario}.png"
-        plot(runs, rows, scenario, png, f"{scenario}: {corpora[scenario].name}, preset {args.preset}")
+        title = f"{scenario}: {corpora[scenario].name}, preset {args.preset}"
+        png, selection_png = args.out / f"{scenario}.png", args.out / f"selection_vs_score-{scenario}.png"
+        plot(runs, rows, scenario, png, title)
+        plots = [png.name]
+        if plot_selection(runs, scenario, selection_png, f"{title}: module selection against importance"):
+            plots.append(selection_png.name)
+        written += plots
         lines += [f"## {scenario} ({corpora[scenario].name}; held-out loss in nats per byte)", "",
-                  report.markdown_table(picked, SUMMARY_COLUMNS), "", f"plot: {png.name}", ""]
+                  report.markdown_table(picked, SUMMARY_COLUMNS), "", f"plots: {', '.join(plots)}", ""]
         lines += [f"- {r['method']}: {r['setting']}" + _share_note(runs, scenario, r["method"]) for r in picked] + [""]
-    lines += ["## goals", ""] + [f"- {line}" for line in goal_lines(rows)]
+    goals = goal_lines(rows)
+    if goals:
+        lines += ["## goals", ""] + [f"- {line}" for line in goals]
+    if args.ablation:
+        reference = ABLATIONS[args.ablation][0][0]
+        table = ablation_rows(runs, args.ablation)
+        section = [f"## ablation: {args.ablation} (final held-out loss, mean ± std over seeds)", "",
+                   ablation_table(table, reference), "",
+                   f"vs {reference}: the difference to the {reference} variant's loss, seed by seed; p: the sampling "
+                   "probability of a module after a resampling, over 1 / modules; active share: the fraction of "
+                   "steps a module was active.", ""]
+        lines += [""] + section
+        report.write_csv(args.out / f"ablation-{args.ablation}.csv", table)
+        (args.out / f"ablation-{args.ablation}.md").write_text("\n".join(header + [""] + section))
+        written += [f"ablation-{args.ablation}.md", f"ablation-{args.ablation}.csv"]
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[len(header):]))
-    print(f"\nwrote {args.out}/: summary.md, summary.csv, curves.csv, "
-          + ", ".join(f"{s}.png" for s in scenarios) + f"; {time.perf_counter() - begun:.0f} s in all")
+    print(f"\nwrote {args.out}/: {', '.join(written)}; {time.perf_counter() - begun:.0f} s in all")
     return rows
 
 
 def _share_note(runs: List[Run], scenario: str, name: str) -> str:
     """For MISA runs: how often each module kind was active, averaged over its modules and seeds
     (uniform sampling would give every kind about the same share)."""
-    shares = [r.active_share for r in runs if r.scenario == scenario and r.method.name == name and r.active_share]
-    if not shares:
+    selections = [r.selection for r in runs if r.scenario == scenario and r.method.name == name and r.selection]
+    if not selections:
         return ""
-    kinds = list(shares[0])
+    by_kind: Dict[str, List[float]] = {}
+    for selection in selections:
+        for module, (_, share) in selection.items():
+            by_kind.setdefault(module.rsplit(".", 1)[-1], []).append(share)
     return "; active share by kind: " + ", ".join(
-        f"{k.removesuffix('_proj')} {statistics.fmean(s[k] for s in shares):.2f}" for k in kinds)
+        f"{kind.removesuffix('_proj')} {statistics.fmean(shares):.2f}" for kind, shares in by_kind.items())
 
 
 def _pretrain_base(preset: Preset, corpus: data.Corpus, path: Path) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -20,6 +21,13 @@ def stamp() -> str:
     """Machine, git revision and time, for the header of every result."""
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     return f"{harness.machine()}; git {harness.git_rev()}; {now}"
+
+
+def mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """"mean ± sample standard deviation" of `values`; the mean alone for a single value."""
+    mean = statistics.fmean(values)
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{mean:.{digits}f}{spread}"
 
 
 def markdown_table(rows: List[Dict], columns: Sequence[str]) -> str:

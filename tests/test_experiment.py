@@ -107,6 +107,14 @@ def test_corpus_errors_name_the_problem(tmp_path):
 # ------------------------------------------------------------------ the main job
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """main() sets the preset's thread count; the tests after these keep theirs."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     factor = experiment.lr_lambda(warmup=10, steps=110)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
@@ -142,7 +150,8 @@ def test_smoke_preset_runs_every_method_and_writes_its_evidence(tmp_path):
     assert float(adamw["held-out"]) < float(adamw["held-out start"]) - 0.2  # it learned something
     finetune_start = {r["held-out start"] for r in rows if r["scenario"] == "finetune"}
     assert len(finetune_start) == 1  # every fine-tuning run starts from the same pretrained model
-    for name in ("summary.md", "summary.csv", "curves.csv", "pretrain.png", "finetune.png", "pretrained.pt"):
+    for name in ("summary.md", "summary.csv", "curves.csv", "pretrain.png", "finetune.png", "pretrained.pt",
+                 "selection_vs_score-pretrain.png", "selection_vs_score-finetune.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     with open(tmp_path / "curves.csv") as f:
         curves = list(csv.DictReader(f))
@@ -150,6 +159,37 @@ def test_smoke_preset_runs_every_method_and_writes_its_evidence(tmp_path):
         return sum(1 for c in curves if c["scenario"] == scenario and c["method"] == "adamw" and c["train_loss"])
     assert (logged("pretrain"), logged("finetune")) == (10, 6)
     assert "## goals" in (tmp_path / "summary.md").read_text()
+
+
+def test_finetune_headline_uses_the_package_defaults_and_the_ablation_keeps_the_papers_rule():
+    preset = experiment.PRESETS["smoke"]
+    methods = experiment.scenario_methods("finetune", preset)
+    headline = next(m for m in methods if m.name == experiment.HEADLINES["finetune"])
+    assert "importance" not in headline.options and "eta" not in headline.options
+    variants = experiment.ablation_methods("finetune", methods, "importance")
+    paper = next(m for m in variants if m.name == "misa-3%/paper-1")
+    assert paper.options == {**headline.options, "importance": "paper", "eta": 1.0}
+
+
+def test_importance_ablation_writes_its_table_with_every_rule_and_the_selection_plot(tmp_path):
+    experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--scenario", "finetune", "--ablation", "importance",
+                     "--seeds", "2", "--steps", "2", "--finetune-steps", "5", "--misa", "interval=2"])
+    with open(tmp_path / "ablation-importance.csv") as f:
+        rows = list(csv.DictReader(f))
+    variants = experiment.ABLATIONS["importance"]
+    assert [r["variant"] for r in rows] == [label for label, _ in variants]
+    assert {r["importance"] for r in rows} == {"relative", "paper", "released"}
+    for row, (_, options) in zip(rows, variants):
+        assert row["seeds"] == "2" and math.isfinite(float(row["heldout_std"])), row
+        assert float(row["eta"]) == options["eta"]
+        p_max, p_min = float(row["max_p_over_uniform"]), float(row["min_p_over_uniform"])
+        assert 0 < p_min <= 1 + 1e-6 and p_max >= 1 - 1e-6, row  # extremes bracket uniform (float32 probs)
+    uniform = rows[0]
+    assert float(uniform["vs_reference_mean"]) == 0 and float(uniform["max_p_over_uniform"]) == pytest.approx(1)
+    assert max(float(r["max_p_over_uniform"]) for r in rows) > 1.5  # the steering rules steer
+    table = (tmp_path / "ablation-importance.md").read_text()
+    assert all(f"| {label} " in table for label, _ in variants) and "vs uniform (paired)" in table
+    assert (tmp_path / "selection_vs_score-finetune.png").stat().st_size > 0
 
 
 def test_bad_command_lines_fail_with_the_reason(tmp_path):
@@ -176,3 +216,5 @@ def test_misa_overrides_reach_only_misa_methods():
             assert "eta" not in m.options
     with pytest.raises(SystemExit):
         experiment.parse_args(["--misa", "eta"])
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--ablation", "temperature"])
