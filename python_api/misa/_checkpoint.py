@@ -177,7 +177,7 @@ def _check_entries(opt: "MISA", piece, entries: dict) -> None:
     has_master = "master" in keys
     if has_master != opt._needs_master(piece.param):
         raise ValueError(f"the saved state of {piece.name} {'has' if has_master else 'has no'} fp32 master copy, but "
-                         f"this optimizer {'keeps' if not has_master else 'keeps none'} for its {piece.param.dtype} "
+                         f"this optimizer {'keeps one' if not has_master else 'keeps none'} for its {piece.param.dtype} "
                          f"weights (master_weights={opt.master_weights!r}): save and load with the same model dtype "
                          "and master_weights")
     for name, value in entries.items():

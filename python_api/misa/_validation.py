@@ -36,7 +36,7 @@ def number(name: str, value, low: float, high: float = math.inf, *, low_open: bo
         raise ValueError(f"Invalid {name}: {value!r} (expected a number)")
     if integer:
         if not isinstance(value, numbers.Integral):
-            raise ValueError(f"{name} must be an int, got {value!r}")
+            raise ValueError(f"{name} must be an int, got {value}")
         value = int(value)
     else:
         value = float(value)
