@@ -262,9 +262,37 @@ def _scenario_buckets(rank, tmp):
             "max_error": max((named[n].grad - e).abs().max().item() for n, e in expected.items())}
 
 
+def _scenario_host_syncs(rank, tmp):
+    """Calls that would block the host or copy from it, in the steps that do not resample: MISA's
+    gradient averaging (counted over backward, where it runs, and step) and FSDP2 (step, with
+    its all-reduce of the per-module norms), with clipping and fp32, and bf16 with masters."""
+    from sync_counter import count_host_syncs
+    result = {}
+    for name, build in (("data_parallel", _model), ("fsdp", _sharded_model)):
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build().to(dtype)
+            opt = misa.MISA(model, lr=1e-2, delta=0.15, interval=3, seed=SEED, warmup_sweep=False,
+                            max_grad_norm=0.1)
+            events = []
+            for step in range(8):
+                x = _rows(_global_batch(step), rank)
+                loss = model(x, labels=x)
+                if name == "fsdp":
+                    loss.backward()
+                with count_host_syncs() as syncs:
+                    if name == "data_parallel":
+                        loss.backward()
+                    opt.step()
+                if (step + 1) % 3:  # not a resampling step
+                    events += syncs.events
+                opt.zero_grad()
+            result[f"{name} {dtype}"] = events
+    return result
+
+
 SCENARIOS = {"data_parallel": _scenario_data_parallel, "fsdp": _scenario_fsdp, "desync": _scenario_desync,
              "buckets": _scenario_buckets, "fsdp_mixed_precision": _scenario_fsdp_mixed_precision,
-             "ddp_rewrap": _scenario_ddp_rewrap}
+             "ddp_rewrap": _scenario_ddp_rewrap, "host_syncs": _scenario_host_syncs}
 
 
 def _worker(rank, tmp):
@@ -463,3 +491,12 @@ def test_switch_hooks_run_after_every_change_of_the_active_set():
     modules = {m.name: set(m.param_names) for m in opt.partition.modules}
     for _, active, trainable in seen:
         assert trainable == set().union(*(modules[name] for name in active))
+
+
+# ------------------------------------------------------------------ no host synchronisation
+
+
+def test_distributed_steps_do_not_synchronise_with_the_host(ranks):
+    for rank, result in enumerate(_scenario(ranks, "host_syncs")):
+        for path, events in result.items():
+            assert not events, f"rank {rank}, {path}: {len(events)} host sync(s):\n  " + "\n  ".join(events)
