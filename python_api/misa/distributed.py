@@ -180,20 +180,32 @@ class GradientSync:
 
     @torch.no_grad()
     def all_reduce(self) -> None:
+        """Averages the active parameters' gradients over the group.
+
+        When this rank holds every gradient (the usual step) nothing is read or copied from the
+        host: its count flags are ones filled on the device. When a gradient is missing here,
+        the flags are copied from the host and the summed counts read back once, after the
+        all-reduce (one synchronisation, unavoidable: which gradients stay None is decided on
+        the host, and only a rank missing a gradient can see a count of 0)."""
         self._pending = False
         params = self._active_params()
         if not params:
             return
         present = [p.grad is not None for p in params]
+        all_present = all(present)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         buckets = self._buckets([p.grad for p in params])
         first = buckets[0][0]
-        counts = self._reduce_bucket(buckets[0], torch.tensor(present, dtype=first.dtype).to(first.device))
+        if all_present:
+            flags = torch.ones(len(params), dtype=first.dtype, device=first.device)
+        else:
+            flags = torch.tensor(present, dtype=first.dtype).to(first.device)
+        counts = self._reduce_bucket(buckets[0], flags)
         for bucket in buckets[1:]:
             self._reduce_bucket(bucket, None)
-        if not all(present):  # only then can a count be 0; reading it waits for the all-reduce
+        if not all_present:
             for p, count in zip(params, counts.tolist()):
                 if count == 0:
                     p.grad = None
