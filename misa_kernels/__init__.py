@@ -215,7 +215,9 @@ def adamw_step_(
     Every argument is checked before anything is written: a bad call raises and leaves every
     tensor as it was. Tensors the op writes (weights, masters, moments, steps, sq_norms_out)
     may not overlap in memory any other argument; disjoint views of one tensor (the experts
-    ``w[0]``, ``w[1]`` of a 3-D weight) are fine, at any storage offset.
+    ``w[0]``, ``w[1]`` of a 3-D weight) are fine, at any storage offset. (Under torch.compile
+    the graph hands the op copies of the tensors it writes, so overlapping arguments act as
+    separate tensors there.)
 
     Args:
         params (list of Tensor): model weights (float32, float16, bfloat16; float64 on the

@@ -195,6 +195,8 @@ def check_lr(lr, device: torch.device) -> Union[float, torch.Tensor]:
     """lr as the backends take it: a float (a number, or a host tensor, read and checked), or a
     0-dim float32/float64 tensor on `device`, read there by the kernels. Its value is then not
     checked: that would mean reading device memory on the host."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr must be a number or a 0-dim or one-element tensor, got shape {tuple(lr.shape)}")
     checked = check_hyper("learning rate", lr, 0.0)
     if isinstance(checked, torch.Tensor):
         return check_scalar_tensor("lr", checked, device, LR_DTYPES, allow_cpu=True)
