@@ -97,8 +97,10 @@ def step_rows(args, device, dtype_name) -> List[harness.Row]:
 
 
 def state_bytes(opt: misa.MISA) -> int:
-    tensors = [t for s in opt.state.values() for t in s.values()]
-    tensors += [p.grad for g in opt._groups for p in g.params if p.grad is not None]
+    """Bytes of the active set's gradients, moments and masters."""
+    active = opt._active
+    tensors = [t for slot in active.stateful_slots() for t in active.state_of(slot).values()]
+    tensors += [p.grad for p in active.params() if p.grad is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -108,9 +110,10 @@ def memory_check(args, device) -> dict:
     model = _model(args, torch.bfloat16, device)
     opt = misa.MISA(model, lr=1e-4, delta=args.delta, interval=1, warmup_sweep=False, seed=0)
     per_param = []
+    # state is created at the first step of an activation and freed at the switch that ends it
+    opt.register_switch_hook(lambda o: per_param.append(state_bytes(o) / o.active_params), before=True)
     for switch in range(args.switches):
         _fill_grads([p for p in model.parameters() if p.requires_grad], seed=switch)
-        per_param.append(state_bytes(opt) / opt.active_params)
         opt.step()  # interval=1: every step draws a new active set
         opt.zero_grad()
     return {"config": f"{args.config}/{args.scale}x{args.layers}", "device": str(device),
