@@ -1,5 +1,6 @@
 """GPU-only goals, checked where a CUDA device exists (skipped otherwise): no host
-synchronisation in a non-resampling step, and the launch count of the fused step."""
+synchronisation in a non-resampling step, the launch count of the fused step, and a float64 lr
+tensor read by the kernels as it is (no conversion launch)."""
 from __future__ import annotations
 
 import pytest
@@ -57,3 +58,24 @@ def test_fused_step_launch_count_does_not_grow_with_tensors(backend):
     small, large = launches(7), launches(224)
     assert small == large
     assert large <= (3 if backend == "cuda" else 4), f"{large} launches per step"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_a_float64_lr_tensor_costs_no_extra_launch(backend):
+    params = [torch.randn(1000 + i, device="cuda") for i in range(5)]
+    grads = [torch.randn_like(p) for p in params]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    steps = torch.zeros(5, device="cuda")
+
+    def launches(lr):
+        def step():
+            mk.adamw_step_(params, grads, *state, steps, list(range(5)), lr=lr, backend=backend)
+
+        step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    assert launches(torch.tensor(1e-3, dtype=torch.float64, device="cuda")) == launches(1e-3)
