@@ -1,6 +1,8 @@
 """The `cuda` backend: multi_tensor_apply-style kernels (csrc/cuda/) for float32, float16 and
-bfloat16 weights. A work table of tensor chunks lives in device memory, so one launch covers
-any number of tensors; loads are 16 bytes wide where the tensors are aligned. grad_sq_norms is
+bfloat16 weights. A work table of tensor chunks lives in device memory, built once per set of
+tensors and kept there (so repeated calls, and CUDA graph replays after a warm-up call, copy
+nothing from the host), and one launch covers any number of tensors; loads are 16 bytes wide
+where the tensors are aligned. grad_sq_norms is
 one launch (its last block reduces the per-chunk partial sums in a fixed order, so results are
 deterministic); adamw_step_ is one launch (its last block advances the step counters)."""
 from __future__ import annotations
