@@ -25,9 +25,10 @@ oneDNN's scratch buffers included), summed in time order from before the model i
 the peak includes the weights. Beside it, the process's peak RSS above its RSS before the
 model was built (VmHWM; the worker runs with MALLOC_MMAP_THRESHOLD_ fixed so that freed
 blocks go back to the system): the operating system's view, which adds Python, the libraries'
-code and malloc's own overhead. `--memory-cap-gb` bounds each worker's data segment
-(RLIMIT_DATA), so that a method that does not fit fails with an allocation error instead of
-waking the kernel's OOM killer.
+code and malloc's own overhead. Each worker's data segment (RLIMIT_DATA) is capped at the
+memory available when it starts less a margin for the machine's other jobs (and at most
+`--memory-cap-gb`), so that a method that does not fit fails with an allocation error, reported
+in the table, instead of waking the kernel's OOM killer.
 
     python bench/memory_measured.py                               # LLaMA-2-7B, every method
     python bench/memory_measured.py --shape llama-350m --methods misa-3% --seq-len 128
@@ -216,11 +217,11 @@ def run_worker(args) -> dict:
                           f"{loss.item():.3f}; {len(active) or '-'} active; RSS {rss / report.GB:.2f} GB, "
                           f"peak {(hwm - rss_before_model) / report.GB:.2f} GB above the start", flush=True)
                     del loss
-        except (MemoryError, RuntimeError) as error:  # an allocation refused under --memory-cap-gb
+        except (MemoryError, RuntimeError) as error:  # an allocation refused under the data-segment cap
             if not isinstance(error, MemoryError) and "memory" not in str(error):
                 raise
-            status = f"out of memory at step {len(steps) + 1}: {str(error).splitlines()[0][:120]}"
-            print(status, flush=True)
+            status = f"out of memory at step {len(steps) + 1}"
+            print(f"{status}: {str(error).splitlines()[0]}", flush=True)
     _, peak_rss = _rss()
     running, ranges = _memory_events(prof)
     train_start, train_end = ranges["training"][0]
@@ -261,7 +262,8 @@ def _available_bytes() -> int:
 
 def run_method(name: str, args) -> dict:
     """Runs one method in a fresh worker process, echoing its progress; returns its result."""
-    cap = int(args.memory_cap_gb * report.GB)
+    cap = int(min(args.memory_cap_gb * report.GB, _available_bytes() - args.margin_gb * report.GB))
+    print(f"worker data-segment cap {cap / report.GB:.1f} GB", flush=True)
     command = [sys.executable, __file__, "--worker", name, "--shape", args.shape, "--seq-len", str(args.seq_len),
                "--steps", str(args.steps), "--interval", str(args.interval), "--lr", str(args.lr),
                "--seed", str(args.seed), "--threads", str(args.threads)]
@@ -278,8 +280,8 @@ def run_method(name: str, args) -> dict:
             print(f"  [{name}] {line}", end="", flush=True)
     code = process.wait()
     if result is None:
-        return {"method": name, "status": f"worker failed (exit code {code})", "steps": []}
-    return result
+        result = {"method": name, "status": f"worker failed (exit code {code})", "steps": []}
+    return {**result, "cap": cap}
 
 
 def table_row(name: str, result: dict, shape: models.LlamaConfig, seq_len: int) -> Dict:
@@ -290,24 +292,26 @@ def table_row(name: str, result: dict, shape: models.LlamaConfig, seq_len: int) 
     measured = result.get("peak", 0)
     steps = result["steps"]
     forward_backward = max((max(s["peak in forward"], s["peak in backward"]) for s in steps), default=0)
+    ok = result["status"] == "ok"
     gb = lambda n: f"{n / report.GB:.2f}" if n else ""  # noqa: E731
     return {
         "method": name, "setting": method.description, "trained": f"{largest.trained_params / 1e6:.1f}M",
         "estimate": gb(largest.total), "estimate (drawn sets)": gb(drawn_total),
-        "measured peak": gb(measured) if steps else "",
-        "measured / estimate": f"{measured / largest.total:.3f}" if steps else "",
-        "peak RSS": gb(result["peak_rss_above_start"]) if steps else "",
-        "peak in": result.get("peak_in", "") if steps else "",
+        "measured peak": gb(measured),  # of a failed run: what it held before the refused allocation
+        "measured / estimate": f"{measured / largest.total:.3f}" if ok else "",
+        "peak RSS": gb(result.get("peak_rss_above_start", 0)),
+        "peak in": result.get("peak_in", "") if ok else "",
         "fwd+bwd peak": gb(forward_backward),
-        "fwd+bwd / estimate": f"{forward_backward / largest.total:.3f}" if steps else "",
+        "fwd+bwd / estimate": f"{forward_backward / largest.total:.3f}" if ok else "",
         "s/step": f"{sum(s['seconds'] for s in steps) / len(steps):.1f}" if steps else "",
         "published": PUBLISHED.get(name, "") if shape == SHAPES["llama2-7b"] else "",
-        "status": result["status"],
+        "status": result["status"] + (f" (cap {result['cap'] / report.GB:.1f} GB)" if "cap" in result and not ok
+                                      else ""),
         "trained params": largest.trained_params,
         "estimate bytes": largest.total, "estimate weights": largest.weights,
         "estimate optimizer": largest.optimizer, "estimate activations": largest.activations,
         "estimate transients": largest.transients,
-        "estimate drawn bytes": drawn_total or "", "measured bytes": measured if steps else "",
+        "estimate drawn bytes": drawn_total or "", "measured bytes": measured or "",
         "measured fwd+bwd bytes": forward_backward if steps else "",
         "measured weights": result.get("weights", ""), "peak rss bytes": result.get("peak_rss_above_start", ""),
         "steps": len(steps),
@@ -363,8 +367,10 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--memory-cap-gb", type=float, default=None,
-                        help="data-segment limit of each worker (default: available memory now - 1 GB)")
+    parser.add_argument("--memory-cap-gb", type=float, default=float("inf"),
+                        help="data-segment limit of each worker (default: none beyond --margin-gb)")
+    parser.add_argument("--margin-gb", type=float, default=1.5,
+                        help="memory left to the machine's other jobs when a worker starts (default: 1.5)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "memory-measured")
     parser.add_argument("--from-raw", type=Path, metavar="RAW_JSONL",
                         help="rebuild the table and CSV files from a run's <shape>-raw.jsonl, with today's estimator")
@@ -378,14 +384,11 @@ def main(argv=None) -> List[Dict]:
         return []
     if args.from_raw:
         return from_raw(args.from_raw, args.out)
-    if args.memory_cap_gb is None:
-        args.memory_cap_gb = (_available_bytes() - report.GB) / report.GB
 
     shape = _shape(args)
     name = args.shape + (f"-{args.layers}blocks" if args.layers else "")
     print(f"# Measured training memory: {name}, bf16, batch 1 x {args.seq_len} tokens, HF activation checkpointing, "
-          f"{args.steps} steps, interval {args.interval}; {report.stamp()}; torch {torch.__version__}; "
-          f"worker cap {args.memory_cap_gb:.1f} GB", flush=True)
+          f"{args.steps} steps, interval {args.interval}; {report.stamp()}; torch {torch.__version__}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, steps = [], []
     info = dict(shape=name, seq_len=args.seq_len, machine=harness.machine(), torch=torch.__version__,
