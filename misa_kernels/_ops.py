@@ -58,10 +58,9 @@ def run_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, module_ids, lr:
     another argument, and the backend must take the dtypes; then the backend's op."""
     written = {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
                "master_params": master_params or [], "steps": [steps], "sq_norms_out": _one(sq_norms_out)}
-    read = {"grads": grads, "clip_coef": _one(clip_coef), "found_inf": _one(found_inf),
-            "lr": [lr] if isinstance(lr, torch.Tensor) else []}
-    _validate.check_no_overlap(written, read, names,
-                               ("params", "exp_avgs", "exp_avg_sqs", "master_params", "grads"))
+    loose = {"clip_coef": clip_coef, "found_inf": found_inf, "lr": lr if isinstance(lr, torch.Tensor) else None}
+    _validate.check_no_overlap(written, {"grads": grads}, names,
+                               ("params", "exp_avgs", "exp_avg_sqs", "master_params", "grads"), loose)
     impl = backends.select(backend, steps.device, params=params[0].dtype if params else None,
                            grads=grads[0].dtype if grads else None)
     impl.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, module_ids, lr, beta1, beta2, eps,

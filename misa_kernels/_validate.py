@@ -6,9 +6,9 @@ instead of a wrong answer, a crash inside a kernel, or a step written half-way.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
-import operator
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -205,36 +205,58 @@ def check_lr(lr, device: torch.device) -> Union[float, torch.Tensor]:
 
 # ------------------------------------------------------------------------- memory overlap
 
-#: address sets already found free of overlap; an optimizer meets one per active set and dtype
-#: group, so a step pays for the sort only at a resampling.
+#: address sets already found free of overlap, with their written spans; an optimizer meets one
+#: per active set and dtype group, so a step pays for the sort only at a resampling.
 OVERLAP_CACHE_SIZE = 64
-_disjoint: "OrderedDict[tuple, None]" = OrderedDict()
-_nbytes = operator.attrgetter("nbytes")
+_disjoint: "OrderedDict[tuple, Tuple[list, list, list]]" = OrderedDict()
 
 
 def check_no_overlap(written: Dict[str, Sequence[torch.Tensor]], read: Dict[str, Sequence[torch.Tensor]],
-                     names: Optional[Sequence[str]] = None, indexed: Sequence[str] = ()) -> None:
+                     names: Optional[Sequence[str]] = None, indexed: Sequence[str] = (),
+                     loose: Dict[str, Optional[torch.Tensor]] = None) -> None:
     """Refuses an op whose written tensors overlap in memory any other tensor of the call (two
     parameters on one storage range, a moment that is also the gradient, overlapping views):
     the kernels update chunks in parallel and would race or lose an update. Tensors only read
     may share memory, and disjoint views of one storage (``w[0]``, ``w[1]``) are fine.
 
-    `written` and `read` map argument names to lists of contiguous tensors on one device; the
-    lists named in `indexed` are per-parameter, and errors name their index (and `names[i]`).
-    An address set already checked is found in a small cache, so a repeated call costs the
+    `written` and `read` map argument names to lists of contiguous tensors on one device. The
+    lists named in `indexed` are per-parameter, with equal shapes at each index (checked
+    before), and errors name their index (and `names[i]`). `loose` holds small read-only
+    tensors that a step makes anew (clip_coef, found_inf, lr): they are checked against the
+    written spans at every call (a binary search each) and kept out of the cache key. An
+    address set already checked is found in a small cache, so a repeated call costs the
     gathering of the addresses only.
     """
     roles = list(written.items()) + list(read.items())
-    key = tuple((tuple(map(torch.Tensor.data_ptr, ts)), tuple(map(_nbytes, ts))) for _, ts in roles)
-    if key in _disjoint:
+    numels = next((tuple(map(torch.Tensor.numel, ts)) for role, ts in roles if role in indexed and ts), ())
+    # bytes: per-parameter lists share the numels, so one element size per list says it all
+    sizes = tuple(ts[0].element_size() if role in indexed and ts else tuple(t.nbytes for t in ts)
+                  for role, ts in roles)
+    key = (numels, sizes, tuple(tuple(map(torch.Tensor.data_ptr, ts)) for _, ts in roles))
+    spans_written = _disjoint.get(key)
+    if spans_written is None:
+        spans_written = _sweep(roles, written, key, names, indexed)
+        _disjoint[key] = spans_written
+        if len(_disjoint) > OVERLAP_CACHE_SIZE:
+            _disjoint.popitem(last=False)
+    else:
         _disjoint.move_to_end(key)
-        return
+    for role, t in (loose or {}).items():
+        if t is not None and t.numel():
+            _check_loose(role, t, spans_written, names, indexed)
+
+
+def _sweep(roles, written, key, names, indexed) -> Tuple[list, list, list]:
+    """One pass over the spans sorted by address; raises at the first overlap that involves a
+    written tensor. Returns the written spans (starts, ends, spans), sorted and disjoint."""
+    numels, sizes, pointers = key
     spans = []
-    for order, ((role, _), (starts, sizes)) in enumerate(zip(roles, key)):
+    for order, ((role, _), size, starts) in enumerate(zip(roles, sizes, pointers)):
         is_written = role in written
-        for i, (start, size) in enumerate(zip(starts, sizes)):
-            if size:
-                spans.append((start, start + size, is_written, order, i, role))
+        nbytes = size if isinstance(size, tuple) else [n * size for n in numels]
+        for i, (start, length) in enumerate(zip(starts, nbytes)):
+            if length:
+                spans.append((start, start + length, is_written, order, i, role))
     spans.sort()
     latest_any = latest_written = None  # the spans seen so far that reach furthest
     for span in spans:
@@ -247,9 +269,18 @@ def check_no_overlap(written: Dict[str, Sequence[torch.Tensor]], read: Dict[str,
             latest_any = span
         if is_written and (latest_written is None or end > latest_written[1]):
             latest_written = span
-    _disjoint[key] = None
-    if len(_disjoint) > OVERLAP_CACHE_SIZE:
-        _disjoint.popitem(last=False)
+    kept = [span for span in spans if span[2]]
+    return [span[0] for span in kept], [span[1] for span in kept], kept
+
+
+def _check_loose(role, t, spans_written, names, indexed) -> None:
+    starts, ends, spans = spans_written
+    start = t.data_ptr()
+    end = start + t.nbytes
+    i = bisect.bisect_right(starts, start) - 1  # the last written span starting at or before it
+    for j in (i, i + 1):
+        if 0 <= j < len(starts) and starts[j] < end and start < ends[j]:
+            _overlap_error((start, end, False, math.inf, 0, role), spans[j], names, indexed)
 
 
 def _overlap_error(a, b, names, indexed) -> None:
