@@ -42,19 +42,21 @@ def test_triton_outside_its_interpreter_without_a_gpu_is_a_problem(monkeypatch):
         "'triton' is installed but runs on no device here (Triton runs on CPU tensors only with TRITON_INTERPRET=1)"]
 
 
-def _pytest(expected: str, *selection: str) -> subprocess.CompletedProcess:
+def _pytest(expected: str, cwd: Path, *selection: str) -> subprocess.CompletedProcess:
+    """pytest on this file in a child process, run from `cwd` (not the source tree, whose
+    misa_kernels would shadow the installed one under `python -m`)."""
     env = dict(os.environ, **{EXPECT_VAR: expected})
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
-                           "tests/test_install.py", *selection],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                           str(ROOT / "tests" / "test_install.py"), *selection],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("selection", [("-m", "gpu"), ("-k", "no_test_has_this_name")])
-def test_a_missing_expected_backend_fails_any_selection(selection):
+def test_a_missing_expected_backend_fails_any_selection(selection, tmp_path):
     unavailable = [n for n in misa_kernels.backends.names()
                    if misa_kernels.backends.module(n).unavailable_reason() is not None]
     missing = unavailable[0] if unavailable else "warp_drive"
-    run = _pytest(f"torch,{missing}", *selection)
+    run = _pytest(f"torch,{missing}", tmp_path, *selection)
     assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
     wanted = (f"'{missing}' is unavailable: {misa_kernels.backends.module(missing).unavailable_reason()}"
               if unavailable else "'warp_drive' is not a backend")
