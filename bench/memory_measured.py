@@ -39,6 +39,7 @@ and <out>/<shape>-steps.csv (one row per step: time, active set, peaks by phase)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -165,10 +166,52 @@ def _peak_within(running: List[Tuple[int, int]], start: int, end: int) -> int:
     return max((b for ns, b in running if start <= ns <= end), default=0)
 
 
+def _train(model, method: Method, shape: models.LlamaConfig, args, steps: List[Dict], rss_before_model: int) -> str:
+    """Trains `args.steps` steps, appending one record per step to `steps`; returns "ok" or, when
+    an allocation is refused under the data-segment cap, "out of memory at step k"."""
+    from torch.profiler import record_function
+
+    generator = torch.Generator().manual_seed(args.seed)
+    try:
+        with record_function("training"):
+            model, optimizer = _optimizer(model, method, args.lr, args.interval, args.seed)
+            for step in range(1, args.steps + 1):
+                active = list(getattr(optimizer, "active_modules", []))
+                ids = torch.randint(0, shape.vocab_size, (1, args.seq_len), generator=generator)
+                times = {}
+                with record_function(f"step {step}"):
+                    for phase in ("forward", "backward", "optimizer"):
+                        t = time.perf_counter()
+                        with record_function(f"{phase} {step}"):
+                            if phase == "forward":
+                                loss = model(input_ids=ids, labels=ids).loss
+                            elif phase == "backward":
+                                loss.backward()
+                            else:
+                                optimizer.step()
+                                optimizer.zero_grad(set_to_none=True)
+                        times[phase] = time.perf_counter() - t
+                rss, hwm = _rss()
+                steps.append({"step": step, "seconds": sum(times.values()),
+                              **{f"{k} s": v for k, v in times.items()}, "loss": loss.item(), "active": active})
+                print(f"step {step}/{args.steps}: {sum(times.values()):.1f} s (forward {times['forward']:.1f}, "
+                      f"backward {times['backward']:.1f}, optimizer {times['optimizer']:.1f}); loss "
+                      f"{loss.item():.3f}; {len(active) or '-'} active; RSS {rss / report.GB:.2f} GB, "
+                      f"peak {(hwm - rss_before_model) / report.GB:.2f} GB above the start", flush=True)
+                del loss
+    except (MemoryError, RuntimeError) as error:  # an allocation refused under the data-segment cap
+        if not isinstance(error, MemoryError) and "memory" not in str(error):
+            raise
+        status = f"out of memory at step {len(steps) + 1}"
+        print(f"{status}: {str(error).splitlines()[0]}", flush=True)
+        return status
+    return "ok"
+
+
 def run_worker(args) -> dict:
     """Builds the model, trains `args.steps` steps with `args.method` under the profiler, and
     returns the measurement (printed as one RESULT line by main)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
     import peft  # noqa: F401  (imported before the baseline: the libraries' own memory is not the method's)
     import transformers  # noqa: F401
@@ -177,7 +220,6 @@ def run_worker(args) -> dict:
     method, shape = METHODS[args.method], _shape(args)
     rss_before_model, _ = _rss()
     steps: List[Dict] = []
-    status = "ok"
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
@@ -188,40 +230,9 @@ def run_worker(args) -> dict:
         print(f"built {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
               f"{weights / report.GB:.2f} GB) in {time.perf_counter() - t0:.0f} s", flush=True)
         _reset_peak_rss()
-        generator = torch.Generator().manual_seed(args.seed)
-        try:
-            with record_function("training"):
-                model, optimizer = _optimizer(model, method, args.lr, args.interval, args.seed)
-                for step in range(1, args.steps + 1):
-                    active = list(getattr(optimizer, "active_modules", []))
-                    ids = torch.randint(0, shape.vocab_size, (1, args.seq_len), generator=generator)
-                    times = {}
-                    with record_function(f"step {step}"):
-                        for phase in ("forward", "backward", "optimizer"):
-                            t = time.perf_counter()
-                            with record_function(f"{phase} {step}"):
-                                if phase == "forward":
-                                    loss = model(input_ids=ids, labels=ids).loss
-                                elif phase == "backward":
-                                    loss.backward()
-                                else:
-                                    optimizer.step()
-                                    optimizer.zero_grad(set_to_none=True)
-                            times[phase] = time.perf_counter() - t
-                    rss, hwm = _rss()
-                    steps.append({"step": step, "seconds": sum(times.values()),
-                                  **{f"{k} s": v for k, v in times.items()},
-                                  "loss": loss.item(), "active": active})
-                    print(f"step {step}/{args.steps}: {sum(times.values()):.1f} s (forward {times['forward']:.1f}, "
-                          f"backward {times['backward']:.1f}, optimizer {times['optimizer']:.1f}); loss "
-                          f"{loss.item():.3f}; {len(active) or '-'} active; RSS {rss / report.GB:.2f} GB, "
-                          f"peak {(hwm - rss_before_model) / report.GB:.2f} GB above the start", flush=True)
-                    del loss
-        except (MemoryError, RuntimeError) as error:  # an allocation refused under the data-segment cap
-            if not isinstance(error, MemoryError) and "memory" not in str(error):
-                raise
-            status = f"out of memory at step {len(steps) + 1}"
-            print(f"{status}: {str(error).splitlines()[0]}", flush=True)
+        status = _train(model, method, shape, args, steps, rss_before_model)
+        del model  # a failed run's model and state go before the profiler collects its events
+        gc.collect()  # (hooks tie the optimizer and the model in a cycle)
     _, peak_rss = _rss()
     running, ranges = _memory_events(prof)
     train_start, train_end = ranges["training"][0]
