@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import inspect
 import math
 import statistics
 import sys
@@ -134,9 +133,8 @@ def scenario_methods(scenario: str, preset: Preset) -> List[Method]:
         style = {}  # the package's default importance rule and temperature
         delta = max(0.03, float(misa.samplers.smallest_delta(max(m.numel for m in part.modules), part.total_params)))
         raised = "" if delta == 0.03 else f" (3% raised to {delta:.2%}: the largest module must fit)"
-        defaults = inspect.signature(misa.MISA).parameters
-        rule = f"importance {defaults['importance'].default!r}, eta {defaults['eta'].default:g} (package defaults)"
-        headline = Method("misa-3%", "misa", f"delta 3%{raised}, {rule}, embedding + head frozen",
+        headline = Method("misa-3%", "misa", f"delta 3%{raised}, the package's default importance rule and eta, "
+                          "embedding + head frozen",
                           dict(delta=delta, **style), dict(delta=delta))
     return [
         Method("adamw", "adamw", "every parameter", dict(sampler="full")),
