@@ -193,7 +193,8 @@ def _train(model, method: Method, shape: models.LlamaConfig, args, steps: List[D
                         times[phase] = time.perf_counter() - t
                 rss, hwm = _rss()
                 steps.append({"step": step, "seconds": sum(times.values()),
-                              **{f"{k} s": v for k, v in times.items()}, "loss": loss.item(), "active": active})
+                              **{f"{k} s": v for k, v in times.items()}, "loss": loss.item(), "active": active,
+                              "peak RSS above the start": hwm - rss_before_model})
                 print(f"step {step}/{args.steps}: {sum(times.values()):.1f} s (forward {times['forward']:.1f}, "
                       f"backward {times['backward']:.1f}, optimizer {times['optimizer']:.1f}); loss "
                       f"{loss.item():.3f}; {len(active) or '-'} active; RSS {rss / report.GB:.2f} GB, "
@@ -231,9 +232,9 @@ def run_worker(args) -> dict:
               f"{weights / report.GB:.2f} GB) in {time.perf_counter() - t0:.0f} s", flush=True)
         _reset_peak_rss()
         status = _train(model, method, shape, args, steps, rss_before_model)
+        _, peak_rss = _rss()  # now: stopping the profiler takes memory of its own
         del model  # a failed run's model and state go before the profiler collects its events
         gc.collect()  # (hooks tie the optimizer and the model in a cycle)
-    _, peak_rss = _rss()
     running, ranges = _memory_events(prof)
     train_start, train_end = ranges["training"][0]
     for row in steps:
