@@ -188,12 +188,13 @@ def _scenario_fsdp(rank, tmp):
         before = counter["numel"]
         result["losses"].append(_plain_step(model, opt, step, rank))
         result["grad_numel"].append(counter["numel"] - before)
+        if (step + 1) % OPTIONS["interval"]:  # no switch in this step: the active set holds its state
+            result["state"] = [(type(v).__name__, v.numel(), distributed.local(v).numel())
+                               for s in opt.state.values() for v in s.values()]
         if step + 1 == SAVE_AT:
             distributed.save_checkpoint(os.path.join(tmp, "fsdp"), model, opt)
     result["params"] = _full_params(model)
     result["scores"] = opt.sampler.scores.clone()
-    result["state"] = [(type(v).__name__, v.numel(), distributed.local(v).numel())
-                       for s in opt.state.values() for v in s.values()]
 
     result["resumed_params"] = _resume(os.path.join(tmp, "fsdp"), _sharded_model(seed=5), _plain_step, rank)
     return result

@@ -73,8 +73,9 @@ class MISA(Optimizer):
         delta (float, optional): budget, as a fraction of all model parameters, in (0, 1]
             (default: 0.03).
         interval (int, optional): steps between resamplings, T (default: 50).
-        eta (float, optional): importance temperature (default: 1.0); with the default
-            "relative" rule it is dimensionless (see :func:`misa_kernels.importance_update_`).
+        eta (float, optional): importance temperature; default: 0.1 for the "relative" rule
+            (dimensionless; chosen by the ablation in bench/RESULTS.md), 1.0 for "paper" and
+            "released" (see :func:`misa_kernels.importance_update_`). 0 is uniform sampling.
         score_beta (float, optional): importance EMA factor (default: 0.8).
         granularity (str, optional): "module" or "layer"; default: the sampler's.
         patterns (list of str, optional): regular expressions naming the modules instead.
@@ -147,7 +148,7 @@ class MISA(Optimizer):
         param_groups: Optional[Sequence[dict]] = None,
         delta: float = 0.03,
         interval: int = 50,
-        eta: float = 1.0,
+        eta: Optional[float] = None,
         score_beta: float = 0.8,
         granularity: Optional[str] = None,
         patterns: Optional[Sequence[str]] = None,
@@ -175,7 +176,7 @@ class MISA(Optimizer):
         defaults = check_options(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
         delta = _validation.number("delta", delta, 0.0, 1.0, low_open=True)
         interval = _validation.number("interval", interval, 1, integer=True)
-        eta = _validation.number("eta", eta, 0.0)
+        eta = _validation.optional_number("eta", eta, 0.0)
         score_beta = _validation.number("score_beta", score_beta, 0.0, 1.0, high_open=True)
         max_grad_norm = _validation.optional_number("max_grad_norm", max_grad_norm, 0.0, low_open=True)
         _validation.choice("grad_sync", grad_sync, (True, False, "auto"))
@@ -258,6 +259,8 @@ class MISA(Optimizer):
                            sample_last=sample_last, warmup_sweep=warmup_sweep)
         self.sampler = sampler_cls(self.partition, delta=delta, interval=interval, generator=self.generator,
                                    device=device, oversized=oversized, **options)
+        if sampler == "misa":
+            options["eta"] = self.sampler.eta  # the rule's default, when none was given
         self.options = dict(sampler=sampler, delta=delta, interval=interval, oversized=oversized,
                             master_weights=master_weights, keep_reselected=keep_reselected,
                             sampler_options=options)  # what a checkpoint must agree with

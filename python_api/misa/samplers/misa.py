@@ -33,6 +33,11 @@ import misa_kernels
 from . import Sampler, register
 
 IMPORTANCE_RULES = ("relative", "paper", "released")
+#: eta when none is given: the paper's and the release's 1.0 for their rules; 0.1 for "relative",
+#: the temperature the ablation in bench/RESULTS.md chose (no loss against uniform sampling in
+#: fine-tuning or pre-training, every module keeps a chance, a module with 100x the gradient is
+#: still drawn 3x as often as the average one; at 1.0 the draw saturates into a fixed top-k).
+DEFAULT_ETA = {"relative": 0.1, "paper": 1.0, "released": 1.0}
 #: the largest share of the budget the least-recently-used picks may take (see step 2 above).
 LRU_BUDGET_SHARE = 0.5
 
@@ -41,7 +46,7 @@ LRU_BUDGET_SHARE = 0.5
 class MISASampler(Sampler):
     name = "misa"
 
-    def __init__(self, partition, *, delta, interval, generator, device, eta: float = 1.0,
+    def __init__(self, partition, *, delta, interval, generator, device, eta: Optional[float] = None,
                  score_beta: float = 0.8, importance: str = "relative", sample_last: int = 2,
                  warmup_sweep: bool = True, max_logit: float = 5.0,
                  lru_budget_share: float = LRU_BUDGET_SHARE, **options):
@@ -52,7 +57,7 @@ class MISASampler(Sampler):
         if isinstance(sample_last, bool) or not isinstance(sample_last, int) or sample_last < 0:
             raise ValueError(f"sample_last must be a non-negative int, got {sample_last!r}")
         misa_kernels._validate.check_hyper("lru_budget_share", lru_budget_share, 0.0, 1.0)
-        self.eta = eta
+        self.eta = DEFAULT_ETA[importance] if eta is None else eta
         self.score_beta = score_beta
         self.importance = importance
         self.sample_last = sample_last
