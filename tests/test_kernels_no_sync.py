@@ -10,6 +10,9 @@ which is free on a GPU machine) would be counted too: these paths pass lr as a n
 """
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -89,27 +92,29 @@ def test_repeated_steps_make_no_host_sync(backend, device, path):
     assert steps.tolist() == [3.0, 3.0, 3.0, 0.0]  # the steps ran
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
-def test_a_new_set_of_module_ids_costs_one_copy(backend, device):
-    """What the first call builds is keyed by the module ids (and tensors): new ids, new index;
-    the same ids again, nothing."""
-    grads = [torch.randn(5, device=device) for _ in range(3)]
-    accum, count = torch.zeros(6, device=device), torch.zeros(6, device=device)
-    ids = [0, 3, 5]
-    mk.grad_sq_norms(grads, ids, 6, accum=accum, accum_count=count, backend=backend)
-    with count_host_syncs() as again:
-        mk.grad_sq_norms(grads, ids, 6, accum=accum, accum_count=count, backend=backend)
-    assert again.count == 0, again.report()
-    unseen = [1, 2, 4, 6 + mk.backends.names().index(backend)]  # ids no other test uses
-    sq = torch.zeros(10, dtype=torch.float64, device=device)
-    count = torch.zeros(10, device=device)
-    with count_host_syncs() as first:
-        mk.torch_ref.finalize_norms(sq, unseen, None, None, count, None, "sq")
-    with count_host_syncs() as second:
-        mk.torch_ref.finalize_norms(sq, unseen, None, None, count, None, "sq")
-    assert first.count == 1 and "torch_ref.py" in first.events[0]
-    assert second.count == 0, second.report()
-    assert count.nonzero().flatten().tolist() == unseen and count.sum().item() == 2 * len(unseen)
+def test_finalize_norms_copies_nothing_even_for_new_module_ids(monkeypatch):
+    """What the optimizer's fused, FSDP2 and mixed-dtype paths call every step: a set of module
+    ids never seen before, or a mask made once per active set, costs no copy from the host."""
+    sq = torch.tensor([1.0, 4.0, 0.0, 9.0, 0.0, 16.0, 25.0], dtype=torch.float64)
+    accum, count = torch.zeros(7), torch.zeros(7)
+    weight = torch.full((7,), 0.5)
+    monkeypatch.setattr(mk.torch_ref, "_masks", OrderedDict())  # nothing seen before
+    unseen = [0, 1, 3, 5]
+    mask = mk.torch_ref.present_mask([0, 6], 7, torch.device("cpu"))
+    with count_host_syncs() as syncs:
+        total, clip, found = mk.torch_ref.finalize_norms(sq, unseen, 2.0, accum, count, weight, "sq")
+        mk.torch_ref.finalize_norms(sq, mask, None, accum, count, None, "clipped_norm")
+    assert syncs.count == 0, syncs.report()
+    assert total.dtype == torch.float64 and total.item() == math.sqrt(55.0)
+    assert clip.dtype == found.dtype == torch.float32 and found.item() == 0.0
+    expected_count = torch.zeros(7)
+    expected_count[unseen] += 1
+    expected_count[[0, 6]] += 1
+    assert torch.equal(count, expected_count)
+    expected = torch.zeros(7, dtype=torch.float64)
+    expected[unseen] += 0.5 * sq[unseen]
+    expected[[0, 6]] += sq[[0, 6]].sqrt()
+    torch.testing.assert_close(accum, expected.float(), rtol=0, atol=0)
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@
 Readable rather than fast: every other backend is tested against it. It runs on any device
 and takes float64 weights with float64 moments (steps, clip_coef and found_inf stay float32,
 as on every backend). Sums of squares are formed in float64, so a finite gradient always gives
-a finite norm. It never reads a device value on the host and, once the module ids of a call
-have been seen on a device, builds no tensor from host data either (the index of the present
-modules is kept on the device, see :func:`present_index`), so it adds no synchronisation.
-Module sums are formed in a fixed order, so results are deterministic on every device.
+a finite norm. It never reads a device value on the host and never builds a tensor from host
+data: which modules are present travels as a mask stacked on the device (see
+:func:`present_mask`), so it adds no synchronisation and copies nothing, even for new module
+ids. Module sums are formed in a fixed order, so results are deterministic on every device.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 #: added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
 CLIP_EPS = 1e-6
-#: distinct (module ids, device) index tensors kept on their devices: an active set of MISA
-#: needs a few (one per dtype group and op), and a resampling makes new ones.
-INDEX_CACHE_SIZE = 64
+#: distinct (present modules, device) masks kept on their devices: an active set of MISA needs a
+#: few (one per dtype group and op), and a resampling makes new ones.
+MASK_CACHE_SIZE = 64
 
 
 def unavailable_reason() -> Optional[str]:
@@ -34,37 +34,35 @@ def supports_device(device: torch.device) -> bool:
     return True
 
 
-_indices: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-#: indices used during a CUDA graph capture: a replay reads them, so they are never freed.
-_captured_indices: Dict[tuple, torch.Tensor] = {}
+_masks: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+#: masks used during a CUDA graph capture: a replay reads them, so they are never freed.
+_captured_masks: Dict[tuple, torch.Tensor] = {}
 
 
-def present_index(modules: Sequence[int], device: torch.device) -> torch.Tensor:
-    """The int64 tensor of `modules` on `device`, built once per distinct (modules, device) and
-    then kept there: repeated calls copy nothing from the host. Read-only: do not modify it.
-
-    One used while a CUDA graph is captured is kept for the life of the process (a replay may
-    read it at any time); one that would have to be copied during a capture is refused: run the
-    op once before capturing."""
+def present_mask(present: Sequence[int], num_modules: int, device: torch.device) -> torch.Tensor:
+    """[num_modules] bool tensor on `device`, True at the `present` modules. Stacked on the device
+    from two constant 0-dim tensors, so even a new set copies nothing from the host (and can be
+    made during a CUDA graph capture); kept in a small cache, so a repeated set costs a lookup.
+    One used during a capture is kept for the life of the process. Read-only."""
     device = torch.device(device)
-    key = (tuple(modules), device)
-    index = _captured_indices.get(key)
-    if index is None:
-        index = _indices.get(key)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if index is None:
-        if capturing:
-            raise RuntimeError("misa_kernels (torch): the index of these module ids is not on the device yet, "
-                               "and it cannot be copied there during a CUDA graph capture; run the op once "
-                               "with the same module ids before capturing (a warm-up call)")
-        index = _indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
-        if len(_indices) > INDEX_CACHE_SIZE:
-            _indices.popitem(last=False)
-    elif key in _indices:
-        _indices.move_to_end(key)
-    if capturing:
-        _captured_indices[key] = index
-    return index
+    key = (tuple(present), num_modules, device)
+    mask = _captured_masks.get(key)
+    if mask is None:
+        mask = _masks.get(key)
+    if mask is None:
+        chosen = set(present)
+        on = torch.ones((), dtype=torch.bool, device=device)
+        off = torch.zeros((), dtype=torch.bool, device=device)
+        mask = (torch.stack([on if m in chosen else off for m in range(num_modules)]) if num_modules
+                else torch.zeros(0, dtype=torch.bool, device=device))
+        _masks[key] = mask
+        if len(_masks) > MASK_CACHE_SIZE:
+            _masks.popitem(last=False)
+    elif key in _masks:
+        _masks.move_to_end(key)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _captured_masks[key] = mask
+    return mask
 
 
 def _module_groups(module_ids: Sequence[int]) -> dict:
@@ -82,14 +80,15 @@ def _sq_sum(t: torch.Tensor) -> torch.Tensor:
 
 def _module_sq_norms(grads: List[torch.Tensor], module_ids: List[int], num_modules: int,
                      device: torch.device) -> Tuple[torch.Tensor, List[int]]:
-    """([num_modules] float64 per-module sums of squares, 0 where absent; sorted present modules)."""
-    sq = torch.zeros(num_modules, dtype=torch.float64, device=device)
+    """([num_modules] float64 per-module sums of squares, 0 where absent; sorted present modules),
+    stacked on the device (no index from the host)."""
     groups = _module_groups(module_ids)
-    present = sorted(groups)
-    if present:
-        module_sums = [torch.stack([_sq_sum(grads[i]) for i in groups[m]]).sum() for m in present]
-        sq.index_copy_(0, present_index(present, device), torch.stack(module_sums))
-    return sq, present
+    if not num_modules:
+        return torch.zeros(0, dtype=torch.float64, device=device), []
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    sq = torch.stack([torch.stack([_sq_sum(grads[i]) for i in groups[m]]).sum() if m in groups else zero
+                      for m in range(num_modules)])
+    return sq, sorted(groups)
 
 
 def grad_sq_norms(
@@ -109,7 +108,7 @@ def grad_sq_norms(
 
 def finalize_norms(
     sq: torch.Tensor,
-    present: List[int],
+    present: Union[Sequence[int], torch.Tensor],
     max_norm: Optional[float],
     accum: Optional[torch.Tensor],
     accum_count: Optional[torch.Tensor],
@@ -117,11 +116,12 @@ def finalize_norms(
     accum_rule: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total_norm, clip_coef, found_inf) from float64 per-module sums `sq`, and the accumulation
-    into accum / accum_count for the `present` modules (sorted) when the total is finite.
+    into accum / accum_count for the `present` modules when the total is finite.
 
-    total_norm is float64; clip_coef and found_inf are float32 (formed in float64, rounded once).
-    No host synchronisation, and no host-to-device copy once `present` has been seen on this
-    device (:func:`present_index`)."""
+    `present`: the module indices (ints), or a [num_modules] bool mask on sq's device (what
+    :func:`present_mask` makes; a caller can make it once per active set). total_norm is
+    float64; clip_coef and found_inf are float32 (formed in float64, rounded once). No host
+    synchronisation and no copy from the host, whatever `present` is."""
     if sq.dtype != torch.float64:
         raise TypeError(f"per-module sums must be float64, got {sq.dtype}")
     total_sq = sq.sum()
@@ -134,19 +134,18 @@ def finalize_norms(
     else:
         clip_coef = torch.clamp(max_norm / (total_norm + CLIP_EPS), max=1.0).to(torch.float32)
         clip_coef = torch.where(non_finite, one, clip_coef)
-    if present and (accum is not None or accum_count is not None):
-        keep = ~non_finite
-        index = present_index(present, sq.device)
+    if accum is not None or accum_count is not None:
+        mask = present if isinstance(present, torch.Tensor) else present_mask(present, sq.numel(), sq.device)
+        take = mask & ~non_finite  # every module not taken gets + 0
         if accum is not None:
-            value = sq[index]
+            value = sq
             if accum_rule == "clipped_norm":
                 value = value.sqrt() * clip_coef
             if accum_weight is not None:
-                value = value * accum_weight[index].to(sq.dtype)
-            value = torch.where(keep, value, torch.zeros_like(value))
-            accum.index_add_(0, index, value.to(accum.dtype))
+                value = value * accum_weight.to(sq.dtype)
+            accum.add_(torch.where(take, value, torch.zeros_like(value)).to(accum.dtype))
         if accum_count is not None:
-            accum_count.index_add_(0, index, keep.to(accum_count.dtype).expand(len(present)))
+            accum_count.add_(take.to(accum_count.dtype))
     return total_norm, clip_coef, found_inf
 
 
@@ -211,8 +210,7 @@ def adamw_step_(
         if master_params is not None:
             rounded = weight.to(param.dtype)
             param.copy_(rounded if skip is None else torch.where(skip, param, rounded))
-    index = present_index(present, device)
-    increment = torch.ones(len(present), dtype=steps.dtype, device=device)
+    increment = present_mask(present, steps.numel(), device).to(steps.dtype)
     if skip is not None:
         increment = torch.where(skip, torch.zeros_like(increment), increment)
-    steps.index_add_(0, index, increment)
+    steps.add_(increment)
