@@ -8,7 +8,12 @@ call is counted, whatever device the tensor is on.
 
 Counted: ``torch.tensor`` and ``torch.as_tensor`` built from Python or numpy data (not from a
 tensor), ``Tensor.item``, ``Tensor.tolist``, ``Tensor.cpu``, and ``bool``, ``float`` or
-``int`` of a tensor. Not seen: what compiled code (C++, CUDA) does inside an op.
+``int`` of a tensor. Not seen: what compiled code (C++, CUDA) does inside an op, and host-side
+work that ends in one copy to the device that does not wait (``.to(device, non_blocking=True)``
+of a pinned host tensor): the CUDA and Triton backends refresh their device work tables that
+way when the tensors' addresses change (the first step of an active set, whose moments are
+new, and a step after the gradients were reallocated), which a GPU's sync debug mode confirms
+is not a synchronisation (``../shared/gpu/gpu_check.sh``, step nosync).
 
     from sync_counter import count_host_syncs
 

@@ -41,6 +41,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -155,8 +156,9 @@ def build(
     device: torch.device,
     chunk_size: int,
 ) -> WorkTable:
-    """Builds the table for tensors given per role (same numel at each index) and copies it to
-    `device` without waiting (from pinned memory on CUDA). Uncached: see :func:`get`."""
+    """Builds the table for tensors given per role (same numel at each index) on the host, with
+    numpy (nothing here touches the device), and hands it to `device` with one copy that does
+    not wait (from pinned memory on CUDA). Uncached: see :func:`get`."""
     base_index, offsets, aligned = [], [], True
     for name, tensors in roles.items():
         base, role_offsets, role_aligned = _role_offsets(name, tensors)
@@ -165,22 +167,22 @@ def build(
         aligned = aligned and role_aligned
     first_role = next(iter(roles.values()))
     num_tensors = len(first_role)
-    numel = torch.tensor([t.numel() for t in first_role], dtype=torch.int64)
-    modules = torch.tensor(list(module_ids), dtype=torch.int64)
+    numel = np.fromiter((t.numel() for t in first_role), dtype=np.int64, count=num_tensors)
+    modules = np.asarray(module_ids, dtype=np.int64).reshape(num_tensors)
 
     # chunks, sorted by module then tensor (a stable sort keeps the list order within a module)
-    order = torch.argsort(modules, stable=True)
+    order = np.argsort(modules, kind="stable")
     chunks_per_tensor = (numel + chunk_size - 1) // chunk_size
     counts = chunks_per_tensor[order]
     num_chunks = int(counts.sum())
-    tensor_of_chunk = torch.repeat_interleave(order, counts)
-    first_chunk = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    start = (torch.arange(num_chunks, dtype=torch.int64) - first_chunk) * chunk_size
-    length = torch.clamp(numel[tensor_of_chunk] - start, max=chunk_size)
+    tensor_of_chunk = np.repeat(order, counts)
+    first_chunk = np.repeat(np.cumsum(counts) - counts, counts)
+    start = (np.arange(num_chunks, dtype=np.int64) - first_chunk) * chunk_size
+    length = np.minimum(numel[tensor_of_chunk] - start, chunk_size)
 
     # each module's run of chunks (empty for a module without a tensor or without elements)
-    chunks_per_module = torch.zeros(num_modules, dtype=torch.int64).index_add_(0, modules, chunks_per_tensor)
-    presence = torch.zeros(num_modules, dtype=torch.int64)
+    chunks_per_module = np.bincount(modules, weights=chunks_per_tensor, minlength=num_modules).astype(np.int64)
+    presence = np.zeros(num_modules, dtype=np.int64)
     presence[modules] = 1
 
     row_width = 1 + len(roles)
@@ -189,16 +191,17 @@ def build(
     module_begin_at = tensors_at + row_width * num_tensors
     presence_at = module_begin_at + num_modules + 1
     host = torch.empty(presence_at + num_modules, dtype=torch.int64, pin_memory=device.type == "cuda")
-    host[:HEADER_SLOTS] = torch.tensor([num_modules, num_chunks, module_begin_at, presence_at])
-    host[chunks_at:tensors_at].view(num_chunks, 3).copy_(
-        torch.stack([tensors_at + row_width * tensor_of_chunk, start, length], 1))
-    tensor_rows = host[tensors_at:module_begin_at].view(num_tensors, row_width)
+    rows = host.numpy()
+    rows[:HEADER_SLOTS] = (num_modules, num_chunks, module_begin_at, presence_at)
+    rows[chunks_at:tensors_at].reshape(num_chunks, 3)[:] = np.stack(
+        [tensors_at + row_width * tensor_of_chunk, start, length], 1)
+    tensor_rows = rows[tensors_at:module_begin_at].reshape(num_tensors, row_width)
     tensor_rows[:, 0] = modules
     if num_tensors:
-        tensor_rows[:, 1:] = torch.tensor(offsets, dtype=torch.int64).T
-    host[module_begin_at] = 0
-    host[module_begin_at + 1:presence_at] = torch.cumsum(chunks_per_module, 0)
-    host[presence_at:] = presence
+        tensor_rows[:, 1:] = np.asarray(offsets, dtype=np.int64).T
+    rows[module_begin_at] = 0
+    rows[module_begin_at + 1:presence_at] = np.cumsum(chunks_per_module)
+    rows[presence_at:] = presence
     table = host if device.type == "cpu" else host.to(device, non_blocking=True)
     return WorkTable(table, tuple(base_index), num_chunks, aligned)
 
