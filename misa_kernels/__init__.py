@@ -241,6 +241,8 @@ def adamw_step_(
         clip_coef (Tensor, optional): 0-dim float32 factor applied to every gradient.
         found_inf (Tensor, optional): 0-dim float32 flag; non-zero skips the step.
         sq_norms_out (Tensor, optional): [num_modules] float64, overwritten with per-module sums.
+            A float32 buffer is accepted too: it receives the float64 sums rounded (inf where a
+            sum exceeds float32's range), through a float64 buffer and one extra small copy.
         backend (str, optional): a backend name or "auto".
         names (list of str, optional): a name per parameter, quoted in error messages.
     """
@@ -279,7 +281,10 @@ def adamw_step_(
         _validate.check_tensor_list("master_params", master_params, dev, (torch.float32,), shapes, names)
     clip_coef = _validate.check_scalar_tensor("clip_coef", clip_coef, dev)
     found_inf = _validate.check_scalar_tensor("found_inf", found_inf, dev)
-    _validate.check_vector("sq_norms_out", sq_norms_out, num_modules, dev, (torch.float64,))
+    _validate.check_vector("sq_norms_out", sq_norms_out, num_modules, dev, (torch.float64, torch.float32))
+    float32_out = None
+    if sq_norms_out is not None and sq_norms_out.dtype == torch.float32:
+        float32_out, sq_norms_out = sq_norms_out, torch.empty_like(sq_norms_out, dtype=torch.float64)
     with torch.no_grad():
         if torch.compiler.is_compiling():
             lr_float, lr_tensor = (0.0, lr) if isinstance(lr, torch.Tensor) else (lr, None)
@@ -291,3 +296,5 @@ def adamw_step_(
             _ops.run_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, module_ids, lr, beta1,
                                  beta2, eps, weight_decay, maximize, master_params, clip_coef,
                                  found_inf, sq_norms_out, backend, names)
+        if float32_out is not None:
+            float32_out.copy_(sq_norms_out)

@@ -374,8 +374,24 @@ def test_float64_state_buffers_are_refused(backend, device):
                        "steps has dtype torch.float64; expected torch.float32")
     args = _adam_args([5, 7], device)
     _refused_untouched(
-        lambda **a: mk.adamw_step_(**a, lr=1e-3, sq_norms_out=torch.zeros(2, device=device), backend=backend),
-        args, TypeError, "sq_norms_out has dtype torch.float32; expected torch.float64")
+        lambda **a: mk.adamw_step_(**a, lr=1e-3, sq_norms_out=torch.zeros(2, dtype=torch.float16, device=device),
+                                   backend=backend),
+        args, TypeError, "sq_norms_out has dtype torch.float16; expected torch.float64, torch.float32")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_a_float32_sq_norms_out_receives_the_float64_sums_rounded(backend, device):
+    """float64 is the contract; a float32 buffer (older callers) gets the same sums rounded, and
+    inf where a sum of finite squares exceeds float32's range."""
+    sums = {}
+    for dtype in (torch.float64, torch.float32):
+        args = _adam_args([5, 7], device)
+        args["grads"][1].fill_(1e21)
+        out = torch.full((2,), -1.0, dtype=dtype, device=device)
+        mk.adamw_step_(**args, lr=1e-3, sq_norms_out=out, backend=backend)
+        sums[dtype] = out
+    assert torch.isfinite(sums[torch.float64]).all() and sums[torch.float32][1].item() == float("inf")
+    assert sums[torch.float32][0].item() == sums[torch.float64][0].float().item()
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
