@@ -408,9 +408,9 @@ class MISA(Optimizer):
             if present:
                 calls.append((group, present))
         grads = [g for _, present in calls for _, g in present]
-        _validation.gradients([group.pieces[i].name for group, present in calls for i, _ in present], grads,
-                              [group.pieces[i].of(group.pieces[i].param) for group, present in calls
-                               for i, _ in present], self.device)
+        names = [group.pieces[i].name for group, present in calls for i, _ in present]
+        _validation.gradients(names, grads, [group.pieces[i].of(group.pieces[i].param) for group, present in calls
+                                             for i, _ in present], self.device)
         # set by torch.amp.GradScaler.step (see _step_supports_amp_scaling): gradients still
         # carry the loss scale, and the scaler's overflow flag decides the skip.
         grad_scale = getattr(self, "grad_scale", None)
@@ -425,10 +425,12 @@ class MISA(Optimizer):
             local = self._local(grads)
             if self.sharded:  # partial sums over the local shards: finished after their all-reduce
                 module_sq = misa_kernels.grad_sq_norms(local, ids, self._num_norm_ids, device=self.device,
-                                                       backend=self.backend).module_sq_norms
+                                                       backend=self.backend, names=names).module_sq_norms
                 stats = self._finalize_norms(module_sq, ids, self.max_grad_norm, accumulation)
             else:
-                stats = self._grad_sq_norms(local, ids, accumulation)
+                stats = misa_kernels.grad_sq_norms(local, ids, self._num_norm_ids, max_norm=self.max_grad_norm,
+                                                   device=self.device, backend=self._norm_backend(local),
+                                                   names=names, **accumulation)
         slot_sums = []
         for group, present in calls:
             hyper = self.param_groups[group.hyper_index]
@@ -448,7 +450,7 @@ class MISA(Optimizer):
                 clip_coef=None if self.max_grad_norm is None else stats.clip_coef,
                 found_inf=stats.found_inf if not fused else scaler_found_inf,
                 sq_norms_out=slot_sq,
-                backend=group.backend)
+                backend=group.backend, names=[group.pieces[i].name for i in index])
         if fused:
             ids = [group.norm_ids[i] for group, present in calls for i, _ in present]
             stats = self._finish_fused_norms(slot_sums, ids, accumulation)
@@ -461,14 +463,11 @@ class MISA(Optimizer):
             self._after_switch()
         return loss
 
-    def _grad_sq_norms(self, grads, ids, accumulation) -> misa_kernels.NormStats:
-        """The norm pass over every gradient of the step (one backend call per device dtype)."""
-        return misa_kernels.grad_sq_norms(grads, ids, self._num_norm_ids, max_norm=self.max_grad_norm,
-                                          device=self.device, backend=self._norm_backend(grads), **accumulation)
-
     def _norm_backend(self, grads) -> str:
-        if any(g.dtype == torch.float64 for g in grads) and torch.float64 not in misa_kernels.backends.get(
-                self.backend).DTYPES:
+        """The backend of the norm pass: the chosen one, or the reference for float64 gradients
+        it cannot take (only with backend="auto": an explicit one was checked at construction)."""
+        if any(g.dtype == torch.float64 for g in grads) and not misa_kernels.supports_dtype(self.backend,
+                                                                                             torch.float64):
             return "torch"
         return self.backend
 
@@ -530,10 +529,10 @@ class MISA(Optimizer):
         """The backend updating the parameter `name` of `dtype`: the chosen one; with "auto", the
         float64-capable reference for a dtype the chosen one cannot take. An explicitly chosen
         backend that cannot take it is refused (at construction, or at the step after a cast)."""
-        supported = misa_kernels.backends.get(self.backend).DTYPES
-        if dtype in supported:
+        if misa_kernels.supports_dtype(self.backend, dtype):
             return self.backend
         if self._explicit_backend:
+            supported = misa_kernels.backends.get(self.backend).DTYPES
             raise ValueError(f"backend {self.backend!r} does not update {dtype} parameters such as {name}; it takes "
                              f"{', '.join(map(str, supported))}. Use backend='auto' (float64 then runs on the "
                              "'torch' backend) or backend='torch'")
