@@ -63,8 +63,9 @@ def test_a_missing_expected_backend_fails_any_selection(selection, tmp_path):
     assert wanted in run.stdout + run.stderr
 
 
-def test_import_needs_no_dynamo_and_is_fast():
-    code = ("import sys, time; import torch; start = time.perf_counter(); import misa_kernels; "
+@pytest.mark.parametrize("package", ["misa_kernels", "misa"])
+def test_import_needs_no_dynamo_and_is_fast(package):
+    code = (f"import sys, time; import torch; start = time.perf_counter(); import {package}; "
             "print(time.perf_counter() - start); assert 'torch._dynamo' not in sys.modules, 'dynamo imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert float(run.stdout) < 0.5, f"import misa_kernels took {run.stdout} s beyond import torch"
+    assert float(run.stdout) < 0.5, f"import {package} took {run.stdout} s beyond import torch"
