@@ -30,11 +30,13 @@ memory available when it starts less a margin for the machine's other jobs (and 
 `--memory-cap-gb`), so that a method that does not fit fails with an allocation error, reported
 in the table, instead of waking the kernel's OOM killer.
 
-    python bench/memory_measured.py                               # LLaMA-2-7B, every method
-    python bench/memory_measured.py --shape llama-350m --methods misa-3% --seq-len 128
+    python bench/memory_measured.py --margin-gb 3                 # LLaMA-2-7B, every method
+    python bench/memory_measured.py --shape llama-350m --layers 8 --methods misa-3% --seq-len 128
+    python bench/memory_measured.py --from-raw bench/results/memory-measured/llama2-7b-raw.jsonl
 
-Prints a Markdown table and per-step progress; writes <out>/<shape>.csv (one row per method)
-and <out>/<shape>-steps.csv (one row per step: time, active set, peaks by phase).
+Prints per-step progress and a Markdown table; writes <out>/<shape>.csv (one row per method),
+<out>/<shape>-steps.csv (one row per step: time, active set, peaks by phase) and appends the
+workers' records to <out>/<shape>-raw.jsonl, from which --from-raw rebuilds both tables.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ SHAPES = {
                                    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048),
     "llama-350m": models.CONFIGS["llama-350m"],
 }
-#: published peaks, GPU, their own settings (BAdam: batch 2 x 1024 tokens? see bench/RESULTS.md)
+#: published peaks, on GPUs and in their own settings (see bench/RESULTS.md)
 PUBLISHED = {"badam": "21.8 (BAdam README)", "lisa": "24 (LISA paper: 7B in 24 GB)"}
 RESULT_TAG = "RESULT "
 #: malloc returns every block of 64 KiB or more to the system when it is freed, so that peak RSS
