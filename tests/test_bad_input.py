@@ -62,6 +62,21 @@ def _random_grads(model, seed, scale=1.0):
             p.grad = (torch.randn(p.shape, generator=g, dtype=torch.float64) * scale).to(p.dtype)
 
 
+def _beside_adamw(model, steps=3, **options):
+    """MISA with every parameter active and torch AdamW on a copy, stepped with the same random
+    gradients; returns the optimizer and (ours, reference) parameter pairs."""
+    ref = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    opt = misa.MISA(model, lr=1e-2, weight_decay=0.1, sampler="full", **options)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(steps):
+        _random_grads(model, step)
+        for r, p in zip(ref, model.parameters()):
+            r.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    return opt, list(zip(model.parameters(), ref))
+
+
 def _snapshot(model, opt):
     return ({n: p.detach().clone() for n, p in model.named_parameters()},
             {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
@@ -100,16 +115,8 @@ def test_case_01_disjoint_views_of_one_storage_and_tied_weights_train_like_adamw
     model.layers[0].proj.weight = nn.Parameter(flat[:24].view(6, 4))
     model.layers[1].proj.weight = nn.Parameter(flat[24:].view(5, 4))
     model.layers[0].proj.tied = model.layers[1].proj.weight  # one Parameter object used twice
-    ref = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    opt = misa.MISA(model, lr=1e-2, weight_decay=0.1, sampler="full", backend=backend)
-    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
-    for step in range(3):
-        _random_grads(model, step)
-        for r, p in zip(ref, model.parameters()):
-            r.grad = p.grad.clone()
-        opt.step()
-        ref_opt.step()
-    for p, r in zip(model.parameters(), ref):
+    _, pairs = _beside_adamw(model, backend=backend)
+    for p, r in pairs:
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
 
 
@@ -325,18 +332,9 @@ def test_case_09_a_zero_size_module_is_harmless(importance):
 
 
 def test_case_10_float64_models_train_like_float64_adamw():
-    model = _llama(torch.float64)
-    ref = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    opt = misa.MISA(model, lr=1e-2, weight_decay=0.1, sampler="full")
-    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
-    for step in range(3):
-        _random_grads(model, step)
-        for r, p in zip(ref, model.parameters()):
-            r.grad = p.grad.clone()
-        opt.step()
-        ref_opt.step()
+    opt, pairs = _beside_adamw(_llama(torch.float64))
     assert all(s["exp_avg"].dtype == torch.float64 for s in opt.state.values())
-    for p, r in zip(model.parameters(), ref):
+    for p, r in pairs:
         torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)  # float64 throughout
     # with clipping the clip coefficient is float32 (documented), so agreement is to float32 rounding
     clipped = misa.MISA(_llama(torch.float64), lr=1e-2, sampler="full", max_grad_norm=1.0)
