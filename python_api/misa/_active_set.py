@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .partition import FROZEN_BY_MISA, Piece
+from .partition import FROZEN_BY_MISA, Module, Piece
 
 #: the state tensors of a piece: AdamW's moments and, for 16-bit weights, the fp32 master.
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
@@ -42,29 +42,34 @@ class UpdateGroup:
 class ActiveSet:
     """Slots, step counters and per-piece state of a MISA optimizer.
 
+    Slots: the pieces of every module, in module order, then the non-block pieces trained at
+    every step (`always`). Each slot has a norm id (its module; the non-block ones share one
+    more) and the index of its parameter's param group.
+
     Args:
         state: the optimizer's ``state`` (torch.optim's per-parameter dict): a whole
             parameter's entry holds its tensors, a sliced parameter's entry maps the expert
             index to that slice's tensors.
-        pieces: every piece that may train, in slot order.
-        norm_ids: the norm id of each slot (its module, or the non-block id).
-        hyper_index: the param group of each slot.
-        module_slots: the slots of each module.
-        always: the slots trained at every step (non-block parameters under the policy).
+        modules: the partition's modules.
+        always: the non-block pieces trained at every step under the policy.
+        group_of: id(parameter) -> index of its param group.
         needs_master: whether a parameter gets an fp32 master (decided at state creation).
         backend_for: the backend that updates a piece, from its dtype and name.
     """
 
-    def __init__(self, state: dict, pieces: Sequence[Piece], norm_ids: Sequence[int],
-                 hyper_index: Sequence[int], module_slots: Sequence[Sequence[int]], always: Sequence[int],
+    def __init__(self, state: dict, modules: Sequence[Module], always: Sequence[Piece], group_of: Dict[int, int],
                  needs_master: Callable[[nn.Parameter], bool],
                  backend_for: Callable[[torch.dtype, str], str], device: torch.device):
         self.state = state
-        self.pieces = list(pieces)
-        self.norm_ids = list(norm_ids)
-        self.hyper_index = list(hyper_index)
-        self.module_slots = [list(s) for s in module_slots]
-        self.always = list(always)
+        self.pieces = [piece for m in modules for piece in m.pieces] + list(always)
+        self.module_slots: List[List[int]] = []
+        first = 0
+        for module in modules:
+            self.module_slots.append(list(range(first, first + len(module.pieces))))
+            first += len(module.pieces)
+        self.always = list(range(len(self.pieces) - len(always), len(self.pieces)))
+        self.norm_ids = [b for b, slots in enumerate(self.module_slots) for _ in slots] + [len(modules)] * len(always)
+        self.hyper_index = [group_of[id(piece.param)] for piece in self.pieces]
         self.needs_master = needs_master
         self.backend_for = backend_for
         self.device = device

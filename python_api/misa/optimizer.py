@@ -16,8 +16,8 @@ import misa_kernels
 
 from . import _checkpoint, _compile, _validation, distributed, samplers
 from ._active_set import ActiveSet
-from .param_groups import check_options, normalize
-from .partition import FROZEN_BY_MISA, NON_BLOCK_POLICIES, Partition, Piece, is_trainable, partition
+from .param_groups import check_options, param_groups_of
+from .partition import FROZEN_BY_MISA, NON_BLOCK_POLICIES, Partition, Piece, partition
 
 logger = logging.getLogger("misa")
 
@@ -190,33 +190,15 @@ class MISA(Optimizer):
         if non_block not in NON_BLOCK_POLICIES:
             raise ValueError(f"unknown non_block policy {non_block!r}; choose one of {', '.join(NON_BLOCK_POLICIES)}")
 
-        # which parameters: the groups' (or every trainable one), partitioned
-        named = list(model.named_parameters(remove_duplicate=True))
-        names = {id(p): n for n, p in named}
-        by_id = {id(p): p for _, p in named}
-        trainable = [(n, p) for n, p in named if is_trainable(p)]
-        if param_groups is None:
-            groups = [{**defaults, "params": [p for _, p in trainable]}]
-        else:
-            groups = normalize(param_groups, defaults, names)
-            in_groups = {id(p) for g in groups for p in g["params"]}
-            frozen_listed = [names[i] for i in in_groups if not is_trainable(by_id[i])]
-            if frozen_listed:
-                raise ValueError(f"param_groups lists parameters that do not require grad: {_listed(frozen_listed)}; "
-                                 "unfreeze them or leave them out")
-            left_out = [n for n, p in trainable if id(p) not in in_groups]
-            if left_out:
-                logger.warning("MISA: %d trainable parameters are in no param group and will not be trained: %s",
-                               len(left_out), _listed(left_out))
-            trainable = [(n, p) for n, p in trainable if id(p) in in_groups]
+        groups, trainable = param_groups_of(model, param_groups, defaults)
         _validation.parameters(trainable, model)
         self.partition: Partition = partition(model, granularity or sampler_cls.default_granularity, patterns,
                                               params=[p for _, p in trainable])
         trained = self.partition.non_block_trained(non_block)
         self._log_frozen_non_block(non_block, trained, explicit_policy)
 
-        pieces = [piece for m in self.partition.modules for piece in m.pieces] + \
-                 [Piece(n, p) for n, p in trained]
+        always = [Piece(n, p) for n, p in trained]
+        pieces = [piece for m in self.partition.modules for piece in m.pieces] + always
         self.sharded = any(distributed.is_dtensor(piece.param) for piece in pieces)
         if self.sharded and any(piece.expert is not None for piece in pieces):
             raise NotImplementedError("expert slices of FSDP2-sharded parameters are not supported: shard the "
@@ -266,13 +248,7 @@ class MISA(Optimizer):
                             sampler_options=options)  # what a checkpoint must agree with
 
         num_modules = len(self.partition.modules)
-        module_slots, slot = [], 0
-        for module in self.partition.modules:
-            module_slots.append(list(range(slot, slot + len(module.pieces))))
-            slot += len(module.pieces)
-        norm_ids = [b for b, slots in enumerate(module_slots) for _ in slots] + [num_modules] * len(trained)
-        self._active = ActiveSet(self.state, pieces, norm_ids, [group_of[id(p.param)] for p in pieces],
-                                 module_slots, list(range(slot, len(pieces))), self._needs_master,
+        self._active = ActiveSet(self.state, self.partition.modules, always, group_of, self._needs_master,
                                  self._backend_for, device)
         self._active.on_move(self._move_buffers)
         self._num_norm_ids = num_modules + 1
@@ -617,6 +593,6 @@ class MISA(Optimizer):
 _NORM_DTYPE = torch.float64
 
 
-def _listed(names: Sequence[str], limit: int = 5) -> str:
+def _listed(names: Sequence[str], limit: int) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -8,7 +8,8 @@ biases and normalisation weights).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+import logging
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -48,6 +49,31 @@ def weight_decay_groups(model: nn.Module, weight_decay: float,
         (no_decay if name.endswith("bias") or id(p) in norm_params else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def param_groups_of(model: nn.Module, param_groups: Optional[Sequence[dict]],
+                    defaults: dict) -> Tuple[List[dict], List[Tuple[str, nn.Parameter]]]:
+    """(the optimizer's groups, the named parameters it trains): without `param_groups`, one
+    group of every trainable parameter; with them, the checked groups, whose parameters must
+    be trainable (trainable ones in no group are left out, with a warning naming them)."""
+    named = list(model.named_parameters(remove_duplicate=True))
+    trainable = [(n, p) for n, p in named if is_trainable(p)]
+    if param_groups is None:
+        return [{**defaults, "params": [p for _, p in trainable]}], trainable
+    names = {id(p): n for n, p in named}
+    groups = normalize(param_groups, defaults, names)
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    trainable_ids = {id(p) for _, p in trainable}
+    frozen = [names[i] for i in in_groups if i not in trainable_ids]
+    if frozen:
+        raise ValueError(f"param_groups lists parameters that do not require grad: {', '.join(frozen[:5])}"
+                         f"{' and more' if len(frozen) > 5 else ''}; unfreeze them or leave them out")
+    left_out = [n for n, p in trainable if id(p) not in in_groups]
+    if left_out:
+        logging.getLogger("misa").warning(
+            "MISA: %d trainable parameters are in no param group and will not be trained: %s%s", len(left_out),
+            ", ".join(left_out[:5]), " and more" if len(left_out) > 5 else "")
+    return groups, [(n, p) for n, p in trainable if id(p) in in_groups]
 
 
 def normalize(param_groups: Sequence[dict], defaults: dict, names: Dict[int, str]) -> List[dict]:
