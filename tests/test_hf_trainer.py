@@ -214,3 +214,17 @@ def test_helpers_reject_misuse():
         misa.hf.optimizers(model, args, lr=1e-3)
     with pytest.raises(TypeError, match="MISACallback needs a MISA optimizer, the Trainer has AdamW"):
         misa.hf.MISACallback().on_train_begin(args, None, None, optimizer=torch.optim.AdamW(model.parameters()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_optimizers_built_before_the_trainer_moves_the_model_follow_it(tmp_path):
+    model = _model()  # on the CPU: the Trainer moves it to the GPU in train()
+    args = _args(tmp_path, use_cpu=False, max_steps=4)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(),
+                                   optimizers=misa.hf.optimizers(model, args, **MISA_OPTIONS),
+                                   callbacks=[misa.hf.MISACallback()])
+    trainer.train()
+    opt = misa.hf.unwrap(trainer.optimizer)
+    assert opt.device.type == "cuda" and opt.sampler.scores.device.type == "cuda"
+    assert opt.state and all(t.device.type == "cuda" for s in opt.state.values() for t in s.values())
