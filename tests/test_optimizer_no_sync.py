@@ -13,6 +13,7 @@ import misa
 from misa_examples import models
 from conftest import BACKEND_DEVICE
 from sync_counter import count_host_syncs
+from test_optimizer import _train
 
 CONFIG = models.LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
                             num_attention_heads=2, num_key_value_heads=2)
@@ -32,11 +33,16 @@ PATHS = {
 def _model(dtype, device):
     torch.manual_seed(0)
     model = models.build(CONFIG, device)
-    if dtype == "mixed":  # attention in bf16, the rest fp32: the norms see two gradient dtypes
-        for layer in model.model.layers:
-            layer.self_attn.to(torch.bfloat16)
-        return model
-    return model.to(dtype)
+    if dtype != "mixed":
+        return model.to(dtype)
+    # attention in bf16, the rest fp32 (casts around it): the norms see two gradient dtypes
+    for layer in model.model.layers:
+        layer.self_attn.to(torch.bfloat16)
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, args, kwargs: (tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a
+                                           for a in args), kwargs), with_kwargs=True)
+        layer.self_attn.register_forward_hook(lambda m, args, out: out.float())
+    return model
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
@@ -58,37 +64,7 @@ def test_steps_between_resamplings_do_not_synchronise(path, backend, device):
         return result
 
     opt._step = counting_step
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2 * INTERVAL + 2):
-        x = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=g).to(device)
-        if path == "mixed dtypes":
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=False):
-                loss = _mixed_loss(model, x)
-        else:
-            loss = model(x, labels=x)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        opt.zero_grad()
+    _train(model, opt, 2 * INTERVAL + 2, scaler=scaler)
     assert len(counted) == 2 * INTERVAL
     events = [e for syncs in counted for e in syncs.events]
     assert not events, f"{len(events)} host sync(s):\n  " + "\n  ".join(events)
-
-
-def _mixed_loss(model, x):
-    """The demo model with bf16 attention: cast around the attention blocks."""
-    hooks = []
-    for layer in model.model.layers:
-        hooks.append(layer.self_attn.register_forward_pre_hook(
-            lambda m, args, kwargs: (tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a
-                                           for a in args), kwargs), with_kwargs=True))
-        hooks.append(layer.self_attn.register_forward_hook(lambda m, args, out: out.float()))
-    try:
-        return model(x, labels=x)
-    finally:
-        for hook in hooks:
-            hook.remove()
