@@ -4,8 +4,8 @@ Hyperparameters are checked by value wherever that costs nothing: Python and num
 one-element tensors on the host. A learning rate held in a device tensor (for schedulers that
 update it on the device) is not read, as reading it would synchronise; its shape and dtype
 are checked. Parameters are checked at construction for what can be known then (layout, dtype,
-contiguity, memory shared between parameters, sparse embeddings), gradients at every step
-with a check of the whole list at once that names the parameter only when something is wrong.
+contiguity, memory shared between parameters, sparse embeddings); gradients at every step by
+misa_kernels' own list check, given the parameters' names.
 """
 from __future__ import annotations
 
@@ -120,31 +120,6 @@ def _no_shared_memory(named: Sequence[Tuple[str, nn.Parameter]]) -> None:
             raise ValueError(f"parameters {name1} and {name2} share memory: each would be updated from its own "
                              "gradient in parallel, and one update would be lost. Tie them as one Parameter "
                              "object, or give each its own storage (.clone())")
-
-
-def gradients(names: Sequence[str], grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-              device: torch.device) -> None:
-    """Checks the step's gradients as a whole (C-level maps over the list); on failure, finds
-    and names the first bad one."""
-    if (all(g.layout == torch.strided for g in grads)
-            and {g.dtype for g in grads} <= set(PARAM_DTYPES)
-            and all(map(torch.Tensor.is_contiguous, grads))
-            and {g.device for g in grads} <= {device}
-            and list(map(torch.Tensor.size, grads)) == list(map(torch.Tensor.size, params))):
-        return
-    for name, g, p in zip(names, grads, params):
-        if g.layout != torch.strided:
-            raise ValueError(f"the gradient of {name} is {g.layout}: MISA's kernels need dense gradients "
-                             "(an nn.Embedding with sparse=True gives sparse ones)")
-        if g.dtype not in PARAM_DTYPES:
-            raise ValueError(f"the gradient of {name} has dtype {g.dtype}")
-        if g.device != device:
-            raise ValueError(f"the gradient of {name} is on {g.device}, the parameters on {device}")
-        if g.shape != p.shape:
-            raise ValueError(f"the gradient of {name} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
-        if not g.is_contiguous():
-            raise ValueError(f"the gradient of {name} (strides {g.stride()}) is not contiguous: the fused kernels "
-                             "need contiguous gradients")
 
 
 def optional_number(name: str, value, low: float, **bounds) -> Optional[float]:

@@ -377,16 +377,20 @@ class MISA(Optimizer):
                 loss = closure()
         if self.grad_sync is not None:
             self.grad_sync.flush()
-        calls = []
+        calls = []  # (update group, indices of its pieces with a gradient, their weights, their gradients)
         for group in self._active.update_groups():
-            present = [(i, piece.of(piece.param.grad)) for i, piece in enumerate(group.pieces)
-                       if piece.param.grad is not None]
-            if present:
-                calls.append((group, present))
-        grads = [g for _, present in calls for _, g in present]
-        names = [group.pieces[i].name for group, present in calls for i, _ in present]
-        _validation.gradients(names, grads, [group.pieces[i].of(group.pieces[i].param) for group, present in calls
-                                             for i, _ in present], self.device)
+            index = [i for i, piece in enumerate(group.pieces) if piece.param.grad is not None]
+            if index:
+                pieces = [group.pieces[i] for i in index]
+                calls.append((group, index, self._local([p.of(p.param) for p in pieces]),
+                              self._local([p.of(p.param.grad) for p in pieces])))
+        grads = [g for *_, group_grads in calls for g in group_grads]
+        names = [group.pieces[i].name for group, index, *_ in calls for i in index]
+        ids = [group.norm_ids[i] for group, index, *_ in calls for i in index]
+        # every gradient checked before anything is written (the AdamW calls go group by group)
+        misa_kernels._validate.check_tensor_list("grads", grads, self.device,
+                                                 misa_kernels._validate.FLOAT_DTYPES,
+                                                 [w.shape for *_, weights, _ in calls for w in weights], names)
         # set by torch.amp.GradScaler.step (see _step_supports_amp_scaling): gradients still
         # carry the loss scale, and the scaler's overflow flag decides the skip.
         grad_scale = getattr(self, "grad_scale", None)
@@ -397,28 +401,24 @@ class MISA(Optimizer):
         fused = not self.skip_nonfinite and self.max_grad_norm is None
         stats = None
         if not fused:
-            ids = [group.norm_ids[i] for group, present in calls for i, _ in present]
-            local = self._local(grads)
             if self.sharded:  # partial sums over the local shards: finished after their all-reduce
-                module_sq = misa_kernels.grad_sq_norms(local, ids, self._num_norm_ids, device=self.device,
+                module_sq = misa_kernels.grad_sq_norms(grads, ids, self._num_norm_ids, device=self.device,
                                                        backend=self.backend, names=names).module_sq_norms
                 stats = self._finalize_norms(module_sq, ids, self.max_grad_norm, accumulation)
             else:
-                stats = misa_kernels.grad_sq_norms(local, ids, self._num_norm_ids, max_norm=self.max_grad_norm,
-                                                   device=self.device, backend=self._norm_backend(local),
+                stats = misa_kernels.grad_sq_norms(grads, ids, self._num_norm_ids, max_norm=self.max_grad_norm,
+                                                   device=self.device, backend=self._norm_backend(grads),
                                                    names=names, **accumulation)
         slot_sums = []
-        for group, present in calls:
+        for group, index, weights, group_grads in calls:
             hyper = self.param_groups[group.hyper_index]
-            index = [i for i, _ in present]
             beta1, beta2 = hyper["betas"]
             slot_sq = None
             if fused:
                 slot_sq = torch.empty(self._active.steps.shape, dtype=_NORM_DTYPE, device=self.device)
                 slot_sums.append(slot_sq)
             misa_kernels.adamw_step_(
-                self._local([group.pieces[i].of(group.pieces[i].param) for i in index]),
-                self._local([g for _, g in present]),
+                weights, group_grads,
                 self._local([group.exp_avgs[i] for i in index]), self._local([group.exp_avg_sqs[i] for i in index]),
                 self._active.steps, [group.slots[i] for i in index], lr=hyper["lr"], beta1=beta1,
                 beta2=beta2, eps=hyper["eps"], weight_decay=hyper["weight_decay"], maximize=hyper["maximize"],
@@ -428,7 +428,6 @@ class MISA(Optimizer):
                 sq_norms_out=slot_sq,
                 backend=group.backend, names=[group.pieces[i].name for i in index])
         if fused:
-            ids = [group.norm_ids[i] for group, present in calls for i, _ in present]
             stats = self._finish_fused_norms(slot_sums, ids, accumulation)
         self.last_stats = stats
         self._step_count += 1
