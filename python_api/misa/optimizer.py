@@ -407,7 +407,7 @@ class MISA(Optimizer):
                 stats = self._finalize_norms(module_sq, ids, self.max_grad_norm, accumulation)
             else:
                 stats = misa_kernels.grad_sq_norms(grads, ids, self._num_norm_ids, max_norm=self.max_grad_norm,
-                                                   device=self.device, backend=self._norm_backend(grads),
+                                                   device=self.device, backend=self._norm_backend(grads, names),
                                                    names=names, **accumulation)
         slot_sums = []
         for group, index, weights, group_grads in calls:
@@ -438,13 +438,11 @@ class MISA(Optimizer):
             self._after_switch()
         return loss
 
-    def _norm_backend(self, grads) -> str:
-        """The backend of the norm pass: the chosen one, or the reference for float64 gradients
-        it cannot take (only with backend="auto": an explicit one was checked at construction)."""
-        if any(g.dtype == torch.float64 for g in grads) and not misa_kernels.supports_dtype(self.backend,
-                                                                                             torch.float64):
-            return "torch"
-        return self.backend
+    def _norm_backend(self, grads, names) -> str:
+        """The backend of the norm pass: the one that updates the step's float64 pieces, if any
+        (see :meth:`_backend_for`), else the chosen one."""
+        float64 = next((name for g, name in zip(grads, names) if g.dtype == torch.float64), None)
+        return self.backend if float64 is None else self._backend_for(torch.float64, float64)
 
     def _local(self, tensors):
         """The local shards of FSDP2 DTensors (a tensor or a list), views that the kernels
